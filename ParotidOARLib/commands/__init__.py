@@ -1,0 +1,1 @@
+"""CLI commands: argument parsing only; each calls one engine function."""

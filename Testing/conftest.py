@@ -1,0 +1,55 @@
+"""Shared pytest fixtures.
+
+* ``mrml`` — a real Slicer MRML scene from the ``slicer-core`` wheel, with the
+  application logic and the Segmentations module logic attached (the way
+  trame-slicer's ``SlicerApp`` sets up a scene without the Slicer GUI).
+* ``shared_data`` — ``../shared/data`` if present, else the test is skipped
+  with a reason (the copied fixtures in ``Testing/Data`` cover a fresh clone).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DATA = Path(__file__).resolve().parent / "Data"
+SHARED = Path(os.environ.get("PAROTIDOAR_SHARED", REPO.parent / "shared" / "data"))
+
+# keep the suite polite on the 2-core CI machine
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+class MRMLApp:
+    """A headless scene with the logics our MRML glue needs."""
+
+    def __init__(self):
+        import slicer
+
+        self.scene = slicer.vtkMRMLScene()
+        self.app_logic = slicer.vtkSlicerApplicationLogic()
+        self.app_logic.SetMRMLScene(self.scene)
+        self.app_logic.SetMRMLSceneDataIO(self.scene)  # no-op safe if unavailable
+        self.segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+        self.segmentations_logic.SetMRMLApplicationLogic(self.app_logic)
+        self.segmentations_logic.SetMRMLScene(self.scene)
+        self.app_logic.SetModuleLogic("Segmentations", self.segmentations_logic)
+
+
+@pytest.fixture()
+def mrml():
+    pytest.importorskip("slicer", reason="slicer-core is part of the test install (make test)")
+    return MRMLApp()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED
