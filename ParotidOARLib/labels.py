@@ -62,7 +62,8 @@ STRUCTURE_INFO: dict[str, StructureInfo] = {
     AURICULA: StructureInfo(AURICULA, (0.90, 0.45, 0.62), ("99POAR", "AURICLE", "Auricle of ear"),
                             ("SCT", "117590005", "Ear structure")),
     CONDYLE: StructureInfo(CONDYLE, (0.98, 0.93, 0.55), ("99POAR", "CONDYLE", "Condylar process of mandible"),
-                           ("SCT", "91609006", "Mandible")),
+                           ("SCT", "91609006", "Mandible"),
+                           tolerance_mm=1.01),  # part of the mandible: Nikolov's mandible 1.01 mm, as the ramus
     SKIN: StructureInfo(SKIN, (0.70, 0.50, 0.40), ("SCT", "39937001", "Skin structure")),
     MASTOID: StructureInfo(MASTOID, (0.50, 0.72, 0.96), ("99POAR", "MASTOID", "Mastoid process of temporal bone")),
     EAC: StructureInfo(EAC, (0.20, 0.72, 0.35), ("SCT", "84301002", "External auditory canal")),

@@ -35,7 +35,6 @@ class MRMLApp:
         self.scene = slicer.vtkMRMLScene()
         self.app_logic = slicer.vtkSlicerApplicationLogic()
         self.app_logic.SetMRMLScene(self.scene)
-        self.app_logic.SetMRMLSceneDataIO(self.scene)  # no-op safe if unavailable
         self.segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
         self.segmentations_logic.SetMRMLApplicationLogic(self.app_logic)
         self.segmentations_logic.SetMRMLScene(self.scene)
@@ -53,3 +52,15 @@ def shared_data() -> Path:
     if not SHARED.exists():
         pytest.skip(f"shared data not found at {SHARED}")
     return SHARED
+
+
+# --- model bundles (helper C): a tiny random-weight bundle, built once per session --------------
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A valid bundle with 3-stage, 4-feature U-Nets and random weights (see Testing/bundle_utils.py).
+
+    Read-only for tests: copy it (shutil.copytree) before tampering with it.
+    """
+    from bundle_utils import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-test", seed=0, stage1_bias=-1.0)

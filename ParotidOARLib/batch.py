@@ -1,0 +1,248 @@
+"""Segment many CTs: one case after another, never stopping on a bad case.
+
+Inputs (:func:`discover_cases`):
+
+* a folder with one CT per file (NRRD, NIfTI, MHA; ``*.seg.nrrd`` are
+  ignored) — the case id is the file name without its suffixes;
+* sub-folders of that folder: a phantom case folder (``ct.nrrd`` +
+  ``case.json``, as written by ``python -m ParotidOARLib phantom``) or one
+  DICOM series per sub-folder — the case id is the sub-folder name;
+* or a CSV with a header: ``input`` (or ``path``) is required, ``case_id``,
+  ``side`` and ``series_uid`` are optional; relative paths are relative to
+  the CSV's folder.
+
+The side comes from the CSV ``side`` column, else ``--side``, else (with
+``--side-from-json``) from ``case.json`` next to a phantom's ``ct.nrrd`` or
+from ``<case>.json`` beside the input.
+
+Outputs (:func:`run_batch`): ``OUT/<case>.seg.nrrd`` and
+``OUT/<case>.report.json`` per case (written atomically by
+:func:`cascade.segment`), and a summary CSV (default
+``OUT/batch-summary.csv``) with one row per case: status (``ok``,
+``skipped``, ``failed``), error, seconds, model, device, ROI and per-structure
+volumes and per-step times. Cases whose two outputs already exist are
+skipped unless ``force``. A failed case is reported and the batch goes on;
+the CLI exits with code 1 when any case failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import labels
+from .errors import InputError, ParotidOARError
+from .imageio import is_image_file
+
+SUMMARY_NAME = "batch-summary.csv"
+TIMING_STEPS = ("read", "stage1", "stage2", "total")
+
+
+@dataclass
+class BatchCase:
+    case_id: str
+    input: Path
+    side: str | None = None
+    series_uid: str | None = None
+    error: str | None = None  # a problem found while discovering (e.g. no side)
+
+
+def _strip_suffixes(name: str) -> str:
+    lower = name.lower()
+    for suffix in (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd"):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _side_from_json(case: BatchCase) -> str | None:
+    candidates = []
+    if case.input.is_file():
+        candidates += [case.input.parent / "case.json" if case.input.name == "ct.nrrd" else None,
+                       case.input.with_name(f"{case.case_id}.json")]
+    else:
+        candidates += [case.input / "case.json", case.input.with_name(f"{case.case_id}.json")]
+    for path in candidates:
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise InputError(f"Cannot read the side from {path} ({exc}).") from None
+            side = data.get("side") or (data.get("params") or {}).get("side")
+            if side:
+                return str(side).lower()
+    return None
+
+
+def _looks_like_dicom_folder(folder: Path) -> bool:
+    for p in folder.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            if p.suffix.lower() in (".dcm", ".ima", "") or p.name.upper().startswith(("CT", "IM")):
+                return True
+    return False
+
+
+def discover_cases(input_path, side: str | None = None, side_from_json: bool = False) -> list[BatchCase]:
+    """The cases of a batch input (folder or CSV), sorted by case id for folders."""
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise InputError(f"Batch input not found: {input_path}.")
+    if side is not None:
+        side = side.lower()
+        if side not in ("left", "right"):
+            raise InputError(f"--side must be left or right, got {side!r}.")
+    cases: list[BatchCase] = []
+    if input_path.is_file():
+        if input_path.suffix.lower() != ".csv":
+            raise InputError(f"{input_path} is a file; give a folder of CTs or a CSV with an 'input' column.")
+        with open(input_path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = {k.strip().lower(): k for k in (reader.fieldnames or [])}
+            column = fields.get("input") or fields.get("path")
+            if column is None:
+                raise InputError(f"{input_path} needs an 'input' (or 'path') column; found {reader.fieldnames}.")
+            for n, row in enumerate(reader, start=2):
+                raw = (row.get(column) or "").strip()
+                if not raw:
+                    continue
+                path = Path(raw) if Path(raw).is_absolute() else input_path.parent / raw
+                case_id = (row.get(fields.get("case_id", ""), "") or "").strip() or (
+                    path.name if path.is_dir() else _strip_suffixes(path.name))
+                row_side = (row.get(fields.get("side", ""), "") or "").strip().lower() or None
+                uid = (row.get(fields.get("series_uid", ""), "") or "").strip() or None
+                cases.append(BatchCase(case_id, path, row_side, uid))
+    else:
+        for entry in sorted(input_path.iterdir(), key=lambda p: p.name):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and is_image_file(entry):
+                cases.append(BatchCase(_strip_suffixes(entry.name), entry))
+            elif entry.is_dir():
+                if (entry / "ct.nrrd").is_file():
+                    cases.append(BatchCase(entry.name, entry / "ct.nrrd"))
+                elif _looks_like_dicom_folder(entry):
+                    cases.append(BatchCase(entry.name, entry))
+        if not cases:
+            raise InputError(f"No CT found in {input_path}: expected NRRD/NIfTI/MHA files or one DICOM series "
+                             "(or phantom case) per sub-folder.")
+    seen = set()
+    for case in cases:
+        if case.case_id in seen:
+            case.error = f"Duplicate case id {case.case_id!r}; rename one of the inputs."
+        seen.add(case.case_id)
+        if case.side is None:
+            case.side = side
+        if case.side is None and side_from_json:
+            try:
+                case.side = _side_from_json(case)
+            except InputError as exc:
+                case.error = str(exc)
+        if case.side not in ("left", "right") and case.error is None:
+            case.error = (f"No side for case {case.case_id!r}: pass --side left|right, a CSV 'side' column, or "
+                          "--side-from-json with a case.json / <case>.json next to the input.")
+    return cases
+
+
+def output_paths(out_dir, case_id: str) -> tuple[Path, Path]:
+    out_dir = Path(out_dir)
+    return out_dir / f"{case_id}.seg.nrrd", out_dir / f"{case_id}.report.json"
+
+
+def summary_row(case: BatchCase, status: str, error: str = "", seconds: float | None = None,
+         report: dict | None = None) -> dict:
+    report = report or {}
+    model = report.get("model") or {}
+    row = {"case_id": case.case_id, "input": str(case.input), "side": case.side or "", "status": status,
+           "error": error, "seconds": "" if seconds is None else f"{seconds:.2f}",
+           "model": model.get("id") or "", "device": report.get("device") or "",
+           "roi_volume_cc": report.get("roi_volume_cc", "")}
+    volumes = report.get("volumes_cc") or {}
+    for name in labels.STRUCTURES:
+        row[f"{name} cc"] = volumes.get(name, "")
+    timings = report.get("timings") or {}
+    for step in TIMING_STEPS:
+        row[f"time {step} s"] = timings.get(step, "")
+    return row
+
+
+def summary_columns() -> list[str]:
+    return (["case_id", "input", "side", "status", "error", "seconds", "model", "device", "roi_volume_cc"]
+            + [f"{n} cc" for n in labels.STRUCTURES] + [f"time {s} s" for s in TIMING_STEPS])
+
+
+def write_summary(path, rows: list[dict]) -> Path:
+    """Write the summary CSV atomically (temp file + rename)."""
+    path = Path(path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=summary_columns(), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    try:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = "auto",
+              roi_margin_mm: float = labels.ROI_MARGIN_MM_DEFAULT, tta: bool = False, force: bool = False,
+              summary_path=None, log=print) -> list[dict]:
+    """Segment every case; returns the summary rows (also written to ``summary_path``)."""
+    from . import cascade
+
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+    summary_path = Path(summary_path) if summary_path else out_dir / SUMMARY_NAME
+    rows: list[dict] = []
+    total = len(cases)
+    try:
+        for n, case in enumerate(cases, start=1):
+            seg_path, report_path = output_paths(out_dir, case.case_id)
+            prefix = f"[{n}/{total}] {case.case_id}"
+            if case.error:
+                rows.append(summary_row(case, "failed", case.error))
+                log(f"{prefix}: FAILED: {case.error}")
+                continue
+            if not force and seg_path.exists() and report_path.exists():
+                try:
+                    report = json.loads(report_path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    report = {}
+                rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None, report))
+                log(f"{prefix}: skipped (done; --force to redo)")
+                continue
+            options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
+                                             roi_margin_mm=roi_margin_mm, tta=tta, force=force,
+                                             series_uid=case.series_uid)
+            t0 = time.perf_counter()
+            try:
+                report = cascade.segment(case.input, seg_path, options, report_path=report_path, warn=n == 1)
+            except ParotidOARError as exc:
+                rows.append(summary_row(case, "failed", str(exc), time.perf_counter() - t0))
+                log(f"{prefix}: FAILED: {exc}")
+                continue
+            except (MemoryError, RuntimeError, ValueError, OSError) as exc:  # a bad case must not stop the batch
+                message = f"{type(exc).__name__}: {exc}"
+                rows.append(summary_row(case, "failed", message, time.perf_counter() - t0))
+                log(f"{prefix}: FAILED: {message}")
+                continue
+            seconds = time.perf_counter() - t0
+            rows.append(summary_row(case, "ok", "", seconds, report))
+            log(f"{prefix}: ok in {seconds:.1f} s -> {seg_path}")
+    finally:
+        write_summary(summary_path, rows)  # also after Ctrl-C: the finished cases stay documented
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    n_skip = sum(r["status"] == "skipped" for r in rows)
+    log(f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}")
+    return rows

@@ -1,0 +1,457 @@
+"""The two-stage cascade: CT → parotid → 17 mm ROI → six organs at risk.
+
+1. **Side.** The operated side is kept by a sagittal cut at the body-mask midline
+   (LPS x; left = x > midline), see :func:`preprocess.body_midline_x`.
+2. **Stage 1.** The side half is resampled onto an LPS-aligned grid at the
+   stage-1 spacing, normalised with the bundle's values, and segmented by net 1
+   (sliding window, Gaussian weighting). The largest parotid component is kept,
+   plus any other above ``min_component_cc``. An empty parotid stops the run
+   (:class:`EmptyStructureError`): no OARs are ever produced from an empty ROI.
+   The parotid probability is interpolated (linear, inside the parotid's box
+   only) back onto the input grid and thresholded at 0.5.
+3. **ROI.** ``roi.expand(parotid, input geometry, margin)`` — exact physical EDT
+   on the parotid bounding box + margin, on the input grid.
+4. **Stage 2.** The crop is the ROI's LPS bounding box plus ``context_mm``
+   (8 mm, as in training), grown to at least the patch size, at the stage-2
+   spacing. Net 2 gives per-class probabilities; these are resampled with
+   linear interpolation onto the input grid inside the ROI's box, argmaxed,
+   and every label outside the ROI is set to 0.
+5. Everything handed back is on exactly the input geometry.
+
+:func:`segment` wraps it with reading, output writing (atomic, no overwrite
+without ``force``) and the JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, labels, preprocess, progress as progress_mod, roi as roi_mod
+from .errors import EmptyStructureError, InputError, OutputExistsError
+from .imageio import Geometry
+
+RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
+STAGE2_CONTEXT_MM = 8.0
+MIN_COMPONENT_CC = 2.0
+
+
+# --------------------------------------------------------------------------- recommended architecture
+@dataclass
+class StageDefaults:
+    architecture: object  # network.UNetConfig
+    spacing: tuple  # (x, y, z) mm
+    patch_size: tuple  # (z, y, x) voxels
+    context_mm: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"architecture": self.architecture.to_dict(), "spacing": list(self.spacing),
+                "patch_size": list(self.patch_size), "context_mm": self.context_mm}
+
+
+def default_architecture(stage) -> StageDefaults:
+    """The network, spacing and patch recommended for the shipped CPU-fast model (docs/cascade.md).
+
+    Stage 1 sees the side half of the head at 4×4×3 mm (a 512×512×150 CT at 0.98×0.98×2 mm
+    → about 63×125×100 voxels), stage 2 the ROI box + 8 mm at 1×1×2 mm (typically
+    ~90×100×45 voxels). Both: 4 resolution stages, 16 → 128 features.
+    """
+    from .network import UNetConfig
+
+    s = str(stage).replace("stage", "")
+    if s == "1":
+        return StageDefaults(
+            UNetConfig(in_channels=1, num_classes=2, base_features=16, max_features=128,
+                       strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], deep_supervision=True),
+            (4.0, 4.0, 3.0), (32, 64, 48), 0.0)
+    if s == "2":
+        return StageDefaults(
+            UNetConfig(in_channels=1, num_classes=len(labels.OARS) + 1, base_features=16, max_features=128,
+                       strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], deep_supervision=True),
+            (1.0, 1.0, 2.0), (32, 64, 64), STAGE2_CONTEXT_MM)
+    raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+
+
+# --------------------------------------------------------------------------- options / result
+@dataclass
+class SegmentOptions:
+    side: str
+    model_dir: str | os.PathLike | None = None
+    device: str = "auto"
+    roi_margin_mm: float = labels.ROI_MARGIN_MM_DEFAULT
+    tta: bool = False
+    force: bool = False
+    series_uid: str | None = None
+    min_component_cc: float = MIN_COMPONENT_CC
+    threads: int | None = None  # CPU threads; default = usable cores
+    step: float = 0.5  # sliding-window step (fraction of the patch)
+
+
+@dataclass
+class CascadeResult:
+    masks: dict  # name → bool [k, j, i]: Parotid + 6 OARs
+    roi: np.ndarray
+    roi_name: str
+    crop_box_lps: dict  # {"min": [x, y, z], "max": [x, y, z]} — the stage-2 crop (voxel edges)
+    report: dict
+    geometry: Geometry = None
+    side: str = ""
+
+    def all_masks(self) -> dict:
+        """Structures + ROI, in the order written to the ``.seg.nrrd``."""
+        out = dict(self.masks)
+        out[self.roi_name] = self.roi
+        return out
+
+
+class _Timer:
+    def __init__(self):
+        self.t = {}
+        self._start = time.perf_counter()
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+        return _Ctx()
+
+
+def peak_memory(device=None) -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_mb = rss_kb / 1024.0 if sys.platform != "darwin" else rss_kb / (1024.0 * 1024.0)
+    out = {"rss_mb": round(rss_mb, 1)}
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out
+
+
+def _keep_components(mask: np.ndarray, voxel_cc: float, min_cc: float) -> np.ndarray:
+    """Largest connected component (26-connectivity) + any other of at least ``min_cc``."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return mask.astype(bool)
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    keep = counts * voxel_cc >= min_cc
+    keep[int(np.argmax(counts))] = True
+    keep[0] = False
+    return keep[lab]
+
+
+def _normalised_air(norm: dict) -> float:
+    return float(preprocess.normalise(np.array([preprocess.AIR_HU], np.float32), norm)[0])
+
+
+def load_model_bundle(model_dir=None):
+    from . import bundle as bundle_mod
+
+    return bundle_mod.load_bundle(bundle_mod.resolve_bundle_dir(model_dir), verify=True)
+
+
+# --------------------------------------------------------------------------- the cascade
+def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress=None, bundle=None,
+        name: str = "input") -> CascadeResult:
+    """Segment one CT (int16 HU ``[k, j, i]`` on ``geometry``). See the module docstring."""
+    import torch
+
+    from .inference import configure_cpu_threads, select_device, sliding_window
+
+    timer = _Timer()
+    t_total = time.perf_counter()
+    side = preprocess.check_side(options.side)
+    margin = float(options.roi_margin_mm)
+    if not np.isfinite(margin) or margin <= 0:
+        raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
+    preprocess.validate_ct(array, geometry, name)
+    array = preprocess.to_int16(array)
+
+    with timer("load_model"):
+        if bundle is None:
+            bundle = load_model_bundle(options.model_dir)
+        man = bundle.manifest
+        device = select_device(options.device)
+        threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
+        net1 = bundle.model("stage1", device)
+        net2 = bundle.model("stage2", device)
+    stage2_labels = man.labels("stage2")[1:]
+    unknown = [n for n in stage2_labels if n not in labels.OARS]
+    if unknown or man.labels("stage1")[1:] != [labels.PAROTID]:
+        from .errors import ModelError
+        raise ModelError(f"Bundle {bundle.directory} has labels {man.labels('stage1')} / {man.labels('stage2')}; "
+                         f"expected ['background', 'Parotid'] and background + {list(labels.OARS)}.")
+
+    # ---- preprocess: midline, side half on the stage-1 grid
+    with timer("preprocess"):
+        midline, midline_info = preprocess.body_midline(array, geometry)
+        lo, hi = preprocess.lps_bounds(geometry)
+        if side == "left":
+            lo[0] = max(lo[0], midline)
+        else:
+            hi[0] = min(hi[0], midline)
+        if hi[0] - lo[0] < 1.0:
+            raise InputError(f"{name}: nothing of the patient's {side} side is in the image "
+                             f"(body midline at x = {midline:.1f} mm LPS). Check --side.")
+        sp1 = man.spacing("stage1")
+        g1 = preprocess.axis_aligned_grid(sp1, lo, hi)
+        norm1 = man.normalisation("stage1")
+        ct1 = preprocess.resample_region(array, geometry, g1, "linear", default_value=preprocess.AIR_HU,
+                                         output_dtype=np.float32)
+        x1 = preprocess.normalise(ct1, norm1)
+        del ct1
+    if progress:
+        progress(progress_mod.STEPS["preprocess"][1], "preprocess")
+
+    # ---- stage 1
+    with timer("stage1"):
+        probs1 = sliding_window(net1, x1, man.patch_size("stage1"), 2, device, step=options.step,
+                                tta=options.tta, pad_value=_normalised_air(norm1),
+                                progress=progress_mod.scaled(progress, "stage1"))
+        fg1 = probs1[1]
+        del probs1, x1
+        par1 = fg1 >= 0.5
+        empty_msg = (f"Stage 1 found no parotid on the patient's {side} side of {name}. Check --side "
+                     "(left = patient left), that the scan covers the parotid region, and the model. "
+                     "No organs at risk were produced.")
+        if not par1.any():
+            raise EmptyStructureError(empty_msg)
+        par1 = _keep_components(par1, g1.voxel_volume_cc, options.min_component_cc)
+        # parotid probability → input grid, only inside the parotid's padded box
+        blo, bhi = roi_mod.bounding_box(par1, pad_vox=2)
+        plo, phi = preprocess.lps_bounds(g1, blo, bhi)
+        fg1 = np.where(par1, fg1, np.minimum(fg1, 0.49)).astype(np.float32)  # dropped components stay out
+        tgt_box = _input_box(geometry, plo, phi)
+        if tgt_box is None:
+            raise EmptyStructureError(empty_msg)
+        tlo, thi = tgt_box
+        g_sub = geometry.crop(tlo, thi)
+        par_sub = preprocess.resample_to(fg1, g1, g_sub, "linear", default_value=0.0) >= 0.5
+        par_sub &= preprocess.side_halfspace_mask(g_sub, side, midline)
+        parotid = np.zeros(geometry.shape, bool)
+        parotid[tuple(slice(a, b) for a, b in zip(tlo, thi))] = par_sub
+        del fg1, par1
+        if not parotid.any():
+            raise EmptyStructureError(empty_msg)
+
+    # ---- ROI
+    with timer("roi"):
+        roi = roi_mod.expand(parotid, geometry, margin)
+        rlo, rhi = roi_mod.bounding_box(roi)
+    if progress:
+        progress(progress_mod.STEPS["roi"][1], "roi")
+
+    # ---- stage 2
+    with timer("stage2"):
+        sp2 = man.spacing("stage2")
+        norm2 = man.normalisation("stage2")
+        patch2 = man.patch_size("stage2")
+        context = float(man.stage("stage2").get("context_mm", STAGE2_CONTEXT_MM))
+        clo, chi = preprocess.lps_bounds(geometry, rlo, rhi)
+        g2 = preprocess.axis_aligned_grid(sp2, clo - context, chi + context, min_size_zyx=patch2)
+        ct2 = preprocess.resample_region(array, geometry, g2, "linear", default_value=preprocess.AIR_HU,
+                                         output_dtype=np.float32)
+        x2 = preprocess.normalise(ct2, norm2)
+        del ct2
+        probs2 = sliding_window(net2, x2, patch2, len(man.labels("stage2")), device, step=options.step,
+                                tta=options.tta, pad_value=_normalised_air(norm2),
+                                progress=progress_mod.scaled(progress, "stage2"))
+        del x2
+
+    # ---- back to the input grid, inside the ROI box only
+    with timer("resample"):
+        import SimpleITK as sitk
+
+        g_roi = geometry.crop(rlo, rhi)
+        vec = sitk.GetImageFromArray(np.moveaxis(probs2, 0, -1), isVector=True)
+        g2.apply_to_sitk(vec)
+        ref = sitk.Image([int(v) for v in g_roi.size], sitk.sitkUInt8)
+        g_roi.apply_to_sitk(ref)
+        back = sitk.GetArrayFromImage(sitk.Resample(vec, ref, sitk.Transform(), sitk.sitkLinear, 0.0))
+        lab = np.argmax(back, axis=-1).astype(np.uint8)
+        del back, vec, probs2
+        sl_roi = tuple(slice(a, b) for a, b in zip(rlo, rhi))
+        lab[~roi[sl_roi]] = 0
+        masks = {labels.PAROTID: parotid}
+        for value, oar in enumerate(man.labels("stage2")[1:], start=1):
+            m = np.zeros(geometry.shape, bool)
+            m[sl_roi] = lab == value
+            masks[oar] = m
+        masks = {n: masks.get(n, np.zeros(geometry.shape, bool)) for n in labels.STRUCTURES}
+    if progress:
+        progress(progress_mod.STEPS["resample"][1], "resample")
+
+    roi_name = labels.roi_segment_name(margin)
+    lo2, hi2 = preprocess.lps_bounds(g2)
+    crop_box = {"min": [round(float(v), 3) for v in lo2], "max": [round(float(v), 3) for v in hi2]}
+    vox_cc = geometry.voxel_volume_cc
+    timings = dict(timer.t)
+    timings["cascade_total"] = time.perf_counter() - t_total
+    report = {
+        "tool": "ParotidOAR", "version": __version__,
+        "notice": None if man.clinical_use else RESEARCH_WARNING,
+        "model": {"id": man.model_id, "name": man.name, "version": man.version,
+                  "clinical_use": bool(man.clinical_use), "directory": str(bundle.directory),
+                  "sha256": bundle.sha256},
+        "device": str(device), "threads": threads, "tta": bool(options.tta),
+        "side": side, "midline_x_mm": round(midline, 3), "midline": midline_info,
+        "roi_margin_mm": margin, "roi_name": roi_name,
+        "roi_volume_cc": round(float(np.count_nonzero(roi)) * vox_cc, 3),
+        "volumes_cc": {n: round(float(np.count_nonzero(m)) * vox_cc, 3) for n, m in masks.items()},
+        "crop_box_lps": crop_box,
+        "grids": {"input": geometry.to_dict(), "stage1": g1.to_dict(), "stage2": g2.to_dict()},
+        "timings": {k: round(v, 4) for k, v in timings.items()},
+        "peak_memory": peak_memory(device),
+    }
+    return CascadeResult(masks, roi, roi_name, crop_box, report, geometry, side)
+
+
+def _input_box(geometry: Geometry, lo_lps, hi_lps):
+    """Index box of ``geometry`` covering the LPS box (None if outside)."""
+    g = preprocess.axis_aligned_grid(geometry.spacing, lo_lps, hi_lps)
+    return preprocess.source_index_box(geometry, g, pad=1)
+
+
+# --------------------------------------------------------------------------- file → file
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.part-{os.getpid()}")
+
+
+def check_outputs(paths, force: bool) -> None:
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.exists() and not force:
+            raise OutputExistsError(f"{p} already exists. Choose another output or pass --force to replace it.")
+        if not p.parent.exists():
+            raise InputError(f"Output folder {p.parent} does not exist. Create it first.")
+
+
+def segment(input_path, out_path, options: SegmentOptions, progress=None, report_path=None,
+            rtstruct_path=None, dicom_seg_path=None, warn=True) -> dict:
+    """Read ``input_path``, run the cascade, write ``out_path`` (``.seg.nrrd``) and optional outputs.
+
+    All outputs are written to temporary siblings first and renamed into place
+    only when every one succeeded; on any error or cancellation nothing is left.
+    Returns the report dict (also written to ``report_path`` as JSON).
+    """
+    from . import segio
+
+    t0 = time.perf_counter()
+    input_path = Path(input_path)
+    out_path = Path(out_path)
+    outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
+    check_outputs(outputs, options.force)
+    if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
+        raise InputError("--rtstruct/--dicom-seg need the input to be a DICOM CT series folder (they reference "
+                         f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
+    if not str(out_path).lower().endswith(".seg.nrrd"):
+        raise InputError(f"The output {out_path} must end in .seg.nrrd.")
+
+    # load the model first: a missing/corrupt bundle fails before the (slow) read
+    bundle = load_model_bundle(options.model_dir)
+    if warn and not bundle.manifest.clinical_use:
+        print(RESEARCH_WARNING, file=sys.stderr, flush=True)
+    if progress:
+        progress(0, "read")
+    t_read = time.perf_counter()
+    array, geometry, meta = preprocess.read_ct(input_path, series_uid=options.series_uid)
+    t_read = time.perf_counter() - t_read
+    if progress:
+        progress(progress_mod.STEPS["read"][1], "read")
+    result = run(array, geometry, options, progress=progress, bundle=bundle, name=input_path.name)
+    del array
+
+    t_write = time.perf_counter()
+    temps: list[tuple[Path, Path]] = []
+    try:
+        tmp = _tmp_sibling(out_path)
+        header = {"ParotidOAR_Model": result.report["model"]["id"], "ParotidOAR_Version": __version__,
+                  "ParotidOAR_Side": result.side}
+        if result.report["notice"]:
+            header["ParotidOAR_Notice"] = result.report["notice"]
+        segio.write_seg(tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
+        temps.append((tmp, out_path))
+        if progress:
+            progress(95, "write")
+        if rtstruct_path:
+            try:
+                from . import rtstruct
+            except ImportError:
+                raise InputError("RTSTRUCT export (ParotidOARLib.rtstruct) is not available in this "
+                                 "installation.") from None
+            tmp = _tmp_sibling(Path(rtstruct_path))
+            rtstruct.write_rtstruct(tmp, result.all_masks(), geometry, input_path,
+                                    series_uid=options.series_uid, include_roi=True, force=True)
+            temps.append((tmp, Path(rtstruct_path)))
+        if dicom_seg_path:
+            try:
+                from . import dicomseg
+            except ImportError:
+                raise InputError("DICOM SEG export (ParotidOARLib.dicomseg) is not available in this "
+                                 "installation.") from None
+            tmp = _tmp_sibling(Path(dicom_seg_path))
+            dicomseg.write_dicom_seg(tmp, result.all_masks(), geometry, input_path,
+                                     series_uid=options.series_uid, force=True)
+            temps.append((tmp, Path(dicom_seg_path)))
+        report = result.report
+        report["input"] = {"path": str(input_path), **{k: v for k, v in meta.items() if k != "source"}}
+        report["outputs"] = {"seg": str(out_path), "report": str(report_path) if report_path else None,
+                             "rtstruct": str(rtstruct_path) if rtstruct_path else None,
+                             "dicom_seg": str(dicom_seg_path) if dicom_seg_path else None}
+        report["timings"]["read"] = round(t_read, 4)
+        report["timings"]["write"] = round(time.perf_counter() - t_write, 4)
+        report["timings"]["total"] = round(time.perf_counter() - t0, 4)
+        report["peak_memory"] = peak_memory(_device_of(report))
+        if report_path:
+            tmp = _tmp_sibling(Path(report_path))
+            tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+            temps.append((tmp, Path(report_path)))
+        for tmp, final in temps:
+            os.replace(tmp, final)
+        temps = []
+    finally:
+        for tmp, _final in temps:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+    if progress:
+        progress(100, "write")
+    return report
+
+
+def _device_of(report):
+    dev = report.get("device", "cpu")
+    if str(dev).startswith("cuda"):
+        import torch
+
+        return torch.device(dev)
+    return None
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)

@@ -1,0 +1,58 @@
+"""``python -m ParotidOARLib segment`` — run the two-stage cascade on one CT.
+
+Example::
+
+    python -m ParotidOARLib segment ct.nrrd --side left --out ct.seg.nrrd --report report.json
+
+Research use only - not for clinical use.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+def add_arguments(p):
+    p.add_argument("input", help="CT: NRRD / NIfTI / MHA file or a DICOM series folder")
+    p.add_argument("--side", required=True, choices=["left", "right"],
+                   help="operated side (patient left = LPS +x)")
+    p.add_argument("--out", required=True, help="output segmentation (.seg.nrrd)")
+    p.add_argument("--model", default=None, help="model bundle folder (default: the installed "
+                                                 "parotid-oar-research-v1)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--roi-margin-mm", type=float, default=17.0, help="ROI margin around the parotid (default 17)")
+    p.add_argument("--report", default=None, help="write a JSON report (volumes, timings, model, memory)")
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
+    p.add_argument("--progress-lines", action="store_true",
+                   help="print machine-readable 'PROGRESS <0-100> <step>' lines on stdout")
+    p.add_argument("--series-uid", default=None, help="DICOM: the series to use when the folder has several")
+    p.add_argument("--rtstruct", default=None, help="also write a DICOM RT Structure Set (DICOM input only)")
+    p.add_argument("--dicom-seg", default=None, help="also write a DICOM SEG object (DICOM input only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args) -> int:
+    from ..cascade import SegmentOptions, segment
+    from ..progress import Progress
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    prog = Progress(lines=args.progress_lines)
+    try:
+        opts = SegmentOptions(side=args.side, model_dir=args.model, device=args.device,
+                              roi_margin_mm=args.roi_margin_mm, tta=args.tta, force=args.force,
+                              series_uid=args.series_uid, threads=args.threads)
+        report = segment(args.input, args.out, opts, progress=prog, report_path=args.report,
+                         rtstruct_path=args.rtstruct, dicom_seg_path=args.dicom_seg)
+    finally:
+        prog.close()
+        signal.signal(signal.SIGTERM, previous)
+    vols = report["volumes_cc"]
+    summary = ", ".join(f"{n} {v:.1f} cc" for n, v in vols.items())
+    print(f"wrote {args.out} ({report['side']} side, ROI {report['roi_volume_cc']:.1f} cc; {summary}) "
+          f"in {report['timings']['total']:.1f} s on {report['device']}")
+    return 0

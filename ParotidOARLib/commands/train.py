@@ -1,0 +1,273 @@
+"""``python -m ParotidOARLib train`` — train stage 1 and/or stage 2 and write a model bundle.
+
+Examples::
+
+    # stage 1 on real OpenKBP CT (train/ for training, validation/ for model selection)
+    python -m ParotidOARLib train --format openkbp --data ../shared/data/openkbp --exclude pt_221 \\
+        --stage 1 --work-dir runs/shipped --epochs 40 --iterations-per-epoch 50
+    # stage 2 on 60 generated phantoms, then write the bundle
+    python -m ParotidOARLib train --stage 2 --phantom-cases 60 --work-dir runs/shipped \\
+        --out Resources/Models/parotid-oar-research-v1 --force
+    # your own data: a folder of cases with ct.nrrd + labels.seg.nrrd
+    python -m ParotidOARLib train --data my_cases --label-map names.json --stage both --out my-bundle
+
+Multi-GPU: ``torchrun --nproc_per_node=4 -m ParotidOARLib train ...`` (DistributedDataParallel).
+Research use only - not for clinical use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import DatasetError, ParotidOARError
+
+
+def add_arguments(p):
+    p.add_argument("--data", help="dataset folder (case sub-folders; for --format openkbp the folder holding "
+                                   "train/ and validation/, or a folder of pt_* cases)")
+    p.add_argument("--format", choices=["seg", "labelmap", "openkbp"], default="seg")
+    p.add_argument("--label-map", help="JSON mapping institution names to canonical names, "
+                                        "e.g. {\"Parotid_L\": \"Parotid:left\"}")
+    p.add_argument("--exclude", nargs="*", default=[], help="patients to leave out (e.g. pt_221)")
+    p.add_argument("--stage", choices=["1", "2", "both"], default="both")
+    p.add_argument("--out", help="bundle folder to write (needs both stages trained in --work-dir)")
+    p.add_argument("--work-dir", default="runs/train", help="checkpoints, logs, caches (default runs/train)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--iterations-per-epoch", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt in the work dir")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--phantom-cases", type=int, default=0,
+                   help="stage 2 (and --one-step): generate N training phantoms (seeds 100000+)")
+    p.add_argument("--phantom-val-cases", type=int, default=6, help="validation phantoms (seeds 200000+)")
+    p.add_argument("--phantom-size", default="full", choices=["full", "small"])
+    p.add_argument("--stage1-phantom-cases", type=int, default=0,
+                   help="mix N phantoms (seeds 300000+) into stage-1 training")
+    p.add_argument("--one-step", action="store_true",
+                   help="ablation: train one network for the six OARs on the whole side crop")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget per stage (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--checkpoint", default="best_dice", choices=["best_dice", "best_loss", "last"],
+                   help="which checkpoint goes into the bundle")
+    p.add_argument("--base-features", type=int, default=0, help="network width (default: 16)")
+    p.add_argument("--patch1", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-1 patch (voxels)")
+    p.add_argument("--patch2", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-2 patch (voxels)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _generic_split(data, fmt, label_map, exclude, work):
+    from .. import dataset
+
+    samples, problems = dataset.discover(data, fmt, label_map, exclude)
+    samples = [s for s in samples if s.patient not in exclude]
+    dataset.validate(samples, problems)
+    split = dataset.load_or_make_split(work / "splits.json", [s.patient for s in samples])
+    tr = [s for s in samples if s.patient in split["train"]]
+    va = [s for s in samples if s.patient in split["validation"]]
+    return tr, va, split
+
+
+def stage1_data(args, work: Path):
+    from .. import dataset, training
+
+    data = Path(args.data)
+    if args.format == "openkbp" and (data / "train").is_dir():
+        tr_s, p1 = dataset.discover(data / "train", "openkbp", args.label_map, args.exclude)
+        va_s, p2 = dataset.discover(data / "validation", "openkbp", args.label_map, args.exclude) if (data / "validation").is_dir() \
+            else ([], [])
+        tr_s = [s for s in tr_s if s.patient not in args.exclude]
+        va_s = [s for s in va_s if s.patient not in args.exclude]
+        _log(f"validating {len(tr_s) + len(va_s)} samples ...")
+        dataset.validate(tr_s + va_s, p1 + p2)
+        split = {"train": sorted({s.patient for s in tr_s}), "validation": sorted({s.patient for s in va_s}),
+                 "test": [], "note": "OpenKBP's own train/validation split; OpenKBP test is not used",
+                 "excluded": list(args.exclude)}
+        dataset.save_split(split, work / "splits.json")
+    else:
+        tr_s, va_s, split = _generic_split(data, args.format, args.label_map, args.exclude, work)
+    tag = f"s1-{training.STAGE1_SPACING}"
+    _log(f"stage-1 cache: {len(tr_s)} train + {len(va_s)} validation samples")
+    cache = work / "cache" / "stage1"
+    tr = training.cached_items(tr_s, lambda s: training.stage1_item(s), cache, tag, _log)
+    va = training.cached_items(va_s, lambda s: training.stage1_item(s), cache, tag, _log)
+    desc = {"stage1_samples_train": len(tr), "stage1_samples_validation": len(va),
+            "stage1_patients_train": len(split["train"]), "stage1_patients_validation": len(split["validation"]),
+            "split": split}
+    return tr, va, desc
+
+
+PHANTOM_SPACINGS = [(0.98, 0.98, 2.0), (0.98, 0.98, 2.0), (0.6, 0.6, 1.25), (1.0, 1.0, 3.0), (0.8, 0.8, 1.5)]
+
+
+def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
+    """Generate (or load from the work-dir cache) n phantom items with seeds seed0.. .
+
+    Training phantoms vary the acquisition spacing (0.6-1.0 mm in-plane, 1.25-3 mm slices)
+    so stage 2 holds up at other spacings; validation phantoms (seeds >= 200000) use the default."""
+    import numpy as np
+
+    from .. import training
+
+    work = Path(args.work_dir)
+    items = []
+    t0 = time.time()
+    for i in range(n):
+        seed = seed0 + i
+        sp = PHANTOM_SPACINGS[i % len(PHANTOM_SPACINGS)] if seed0 < 200000 else (0.98, 0.98, 2.0)
+        if stage == 1:
+            p = work / "cache" / "stage1-phantom" / f"phantom_{seed}_{args.phantom_size}.npz"
+            if not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                it = training.phantom_stage1_item(seed, spacing_case=sp, size=args.phantom_size)
+                training._save_npz(p, meta_json=np.array(json.dumps(it["meta"])),
+                                   **{k: v for k, v in it.items() if hasattr(v, "dtype")})
+            items.append(training._item_from_npz(p))
+            continue
+        p2 = work / "cache" / "stage2-phantom" / f"phantom_{seed}_{args.phantom_size}.npz"
+        p1 = work / "cache" / "onestep-phantom" / f"phantom_{seed}_{args.phantom_size}.npz"
+        if not (p2.exists() and p1.exists()):
+            p2.parent.mkdir(parents=True, exist_ok=True)
+            p1.parent.mkdir(parents=True, exist_ok=True)
+            it2, it1 = training.phantom_stage2_items(seed, spacing_case=sp, size=args.phantom_size, one_step=True)
+            for p, it in ((p2, it2), (p1, it1)):
+                training._save_npz(p, meta_json=np.array(json.dumps(it["meta"])),
+                                   **{k: v for k, v in it.items() if hasattr(v, "dtype")})
+        items.append(training._item_from_npz(p1 if one_step else p2))
+        if (i + 1) % log_every == 0:
+            _log(f"  phantoms {i + 1}/{n} ({time.time() - t0:.0f} s)")
+    return items
+
+
+def _cfg(args, stage, run_dir, spacing, patch, network=None):
+    from .. import training
+
+    if network is None and getattr(args, "base_features", 0):
+        net = training.default_config(stage)
+        net.base_features = args.base_features
+        net.max_features = min(net.max_features, 8 * args.base_features)
+        network = net.to_dict()
+    override = getattr(args, "patch1" if stage == 1 else "patch2", None)
+    if override:
+        patch = tuple(override)
+
+    return training.TrainConfig(stage=stage, run_dir=str(run_dir), epochs=args.epochs,
+                                iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size,
+                                lr=args.lr, patch=tuple(patch), spacing=tuple(spacing), network=network or {},
+                                device=args.device, threads=args.threads, seed=args.seed,
+                                max_minutes=args.max_minutes, progress=not args.no_progress)
+
+
+def run(args) -> int:
+    import torch
+
+    from .. import training
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    print("Research use only - not for clinical use.", file=sys.stderr)
+    cmdline = "python -m ParotidOARLib train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:])
+    data_desc = {"description": "", "sources": []}
+    stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
+    if args.one_step:
+        if args.phantom_cases < 1:
+            raise ParotidOARError("--one-step trains on phantoms: give --phantom-cases N.")
+        tr = phantom_items(args.phantom_cases, 100000, 2, args, one_step=True)
+        va = phantom_items(args.phantom_val_cases, 200000, 2, args, one_step=True)
+        norm = training.compute_normalisation(tr)
+        cfg = _cfg(args, 2, work / "onestep", training.STAGE2_SPACING, training.STAGE2_PATCH)
+        rec = training.train(cfg, training.prepare(tr, norm, 2, cfg.patch, 0.0),
+                             training.prepare(va, norm, 2, cfg.patch, 0.0), norm, resume=args.resume, log=_log)
+        rec["command_line"] = cmdline
+        (work / "onestep" / "record.json").write_text(json.dumps(rec, indent=2))
+        return 0
+    if 1 in stages:
+        if not args.data:
+            raise ParotidOARError("Stage 1 needs --data (a dataset folder).")
+        tr, va, desc = stage1_data(args, work)
+        if args.stage1_phantom_cases:
+            tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args)
+            desc["stage1_phantom_cases"] = args.stage1_phantom_cases
+        norm = training.compute_normalisation(tr)
+        cfg = _cfg(args, 1, work / "stage1", training.STAGE1_SPACING, training.STAGE1_PATCH)
+        _log(f"stage 1: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
+        rec = training.train(cfg, training.prepare(tr, norm, 1, cfg.patch), training.prepare(va, norm, 1, cfg.patch),
+                             norm, resume=args.resume, log=_log)
+        rec.update(desc)
+        rec["command_line"] = cmdline
+        rec["data"] = str(args.data)
+        (work / "stage1" / "record.json").write_text(json.dumps(rec, indent=2))
+    if 2 in stages:
+        if args.phantom_cases:
+            tr = phantom_items(args.phantom_cases, 100000, 2, args)
+            va = phantom_items(args.phantom_val_cases, 200000, 2, args)
+        else:
+            raise ParotidOARError("Stage 2 trains on phantoms here: give --phantom-cases N "
+                                  "(a folder of your own six-OAR cases is not supported for stage 2 yet).")
+        norm = training.compute_normalisation(tr)
+        cfg = _cfg(args, 2, work / "stage2", training.STAGE2_SPACING, training.STAGE2_PATCH)
+        _log(f"stage 2: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
+        rec = training.train(cfg, training.prepare(tr, norm, 2, cfg.patch), training.prepare(va, norm, 2, cfg.patch),
+                             norm, resume=args.resume, log=_log)
+        rec.update({"phantom_cases_train": args.phantom_cases, "phantom_seeds_train": [100000, 100000 + args.phantom_cases - 1],
+                    "phantom_cases_validation": args.phantom_val_cases, "command_line": cmdline})
+        (work / "stage2" / "record.json").write_text(json.dumps(rec, indent=2))
+    if args.out:
+        out = write_bundle_from_work(work, args.out, force=args.force, which=args.checkpoint)
+        _log(f"bundle written: {out}")
+    return 0
+
+
+def data_description(work: Path) -> dict:
+    r1 = _read(work / "stage1" / "record.json")
+    r2 = _read(work / "stage2" / "record.json")
+    return {
+        "description": "Stage 1 (parotid): real head-and-neck planning CT from OpenKBP "
+                       f"({r1.get('stage1_patients_train', '?')} training patients x 2 sides; model selected on "
+                       f"{r1.get('stage1_patients_validation', '?')} OpenKBP validation patients, pt_221 excluded "
+                       "because its parotid masks do not match the CT). Stage 2 (six OARs): the synthetic ParotidOAR "
+                       f"post-operative phantom ({r2.get('phantom_cases_train', '?')} cases, seeds "
+                       f"{r2.get('phantom_seeds_train', '?')}; evaluation uses seeds 0..19, never trained on). "
+                       "Research use only - not for clinical use.",
+        "sources": [
+            "OpenKBP: Babier A. et al., 'OpenKBP: The open-access knowledge-based planning grand challenge and "
+            "dataset', Medical Physics 48:5549-5561, 2021; images from The Cancer Imaging Archive (TCIA); "
+            "research and non-commercial use.",
+            "Synthetic ParotidOAR phantom (ParotidOARLib.phantom), generated; no patient data.",
+        ],
+    }
+
+
+def _read(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_bundle_from_work(work, out, force=False, which="best_dice", extra_record=None):
+    from .. import training
+
+    work = Path(work)
+    rec = {"stage1": _read(work / "stage1" / "record.json"), "stage2": _read(work / "stage2" / "record.json")}
+    for k in ("stage1", "stage2"):
+        rec[k].pop("normalisation", None)
+        rec[k].pop("network", None)
+    if extra_record:
+        rec.update(extra_record)
+    rec["command_line"] = rec["stage1"].get("command_line", "") + " ; " + rec["stage2"].get("command_line", "")
+    rec["hardware"] = f"{os.cpu_count()} CPU cores (shared), torch {__import__('torch').__version__}"
+    return training.write_bundle(out, work / "stage1", work / "stage2", data_description=data_description(work),
+                                 training_record=rec, which=which, force=force)

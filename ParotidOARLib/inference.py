@@ -1,0 +1,152 @@
+"""Patch-based network inference: device choice, sliding window with Gaussian weighting, mirroring TTA.
+
+* :func:`select_device` — ``auto`` prefers CUDA, then Apple MPS, then CPU.
+* :func:`configure_cpu_threads` — torch intra-op threads = the cores this process may use.
+* :func:`sliding_window` — nnU-Net-style: windows of the training patch size with
+  50 % overlap (``step`` = 0.5), each window's logits weighted by a Gaussian
+  (σ = patch/8) so window centres dominate, accumulated, divided by the summed
+  weights, softmax at the end. Inputs smaller than the patch are padded (with the
+  normalised air value) to the patch so the network (InstanceNorm) sees what it saw in
+  training. ``torch.inference_mode``; on CUDA autocast to float16 (bfloat16 where
+  supported and requested); optional mirroring test-time augmentation over all
+  axis combinations (8 passes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+
+from .errors import InputError
+
+
+def cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_cpu_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads to ``threads`` (default: the usable cores). Returns the count."""
+    import torch
+
+    n = int(threads) if threads else cpu_count()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def select_device(name: str = "auto"):
+    """``auto`` → CUDA if available, else MPS, else CPU. An unavailable explicit device is an error."""
+    import torch
+
+    name = (name or "auto").lower()
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name.startswith("cuda"):
+        if not cuda:
+            raise InputError("--device cuda was requested but no CUDA GPU is available to PyTorch. "
+                             "Use --device cpu (or auto).")
+        return torch.device(name)
+    if name == "mps":
+        if not mps:
+            raise InputError("--device mps was requested but Apple MPS is not available. Use --device cpu (or auto).")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"Unknown device {name!r}; use auto, cpu, cuda or mps.")
+
+
+_GAUSS_CACHE: dict = {}
+
+
+def gaussian_weights(patch_size, sigma_scale: float = 1.0 / 8, min_weight: float = 1e-3) -> np.ndarray:
+    """nnU-Net's importance map: a separable Gaussian, max 1, floor ``min_weight`` (never 0)."""
+    key = (tuple(patch_size), sigma_scale, min_weight)
+    if key not in _GAUSS_CACHE:
+        w = np.ones((), dtype=np.float64)
+        for n in patch_size:
+            x = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+            sigma = max(n * sigma_scale, 1e-6)
+            w = np.multiply.outer(w, np.exp(-0.5 * (x / sigma) ** 2))
+        w = w / w.max()
+        _GAUSS_CACHE[key] = np.maximum(w, min_weight).astype(np.float32)
+    return _GAUSS_CACHE[key]
+
+
+def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
+    """Start offsets covering ``[0, size)`` with windows of ``patch`` and overlap ≥ 1 − step."""
+    if size <= patch:
+        return [0]
+    n = int(np.ceil((size - patch) / (patch * step))) + 1
+    return [int(round(v)) for v in np.linspace(0, size - patch, n)]
+
+
+def _mirror_axes(tta: bool):
+    if not tta:
+        return [()]
+    axes = (2, 3, 4)
+    return [c for r in range(4) for c in itertools.combinations(axes, r)]
+
+
+def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device, *, step: float = 0.5,
+                   tta: bool = False, pad_value: float = 0.0, progress=None, autocast: bool = True,
+                   channels_last: bool = False) -> np.ndarray:
+    """Softmax probabilities ``float32 [C, z, y, x]`` for a normalised ``image [z, y, x]``.
+
+    ``progress(fraction)`` is called after each window (0..1).
+    """
+    import torch
+
+    image = np.asarray(image, dtype=np.float32)
+    patch = tuple(int(p) for p in patch_size)
+    shape = image.shape
+    padded_shape = tuple(max(s, p) for s, p in zip(shape, patch))
+    pad_lo = [(ps - s) // 2 for ps, s in zip(padded_shape, shape)]
+    if padded_shape != shape:
+        buf = np.full(padded_shape, pad_value, dtype=np.float32)
+        buf[tuple(slice(a, a + s) for a, s in zip(pad_lo, shape))] = image
+        image = buf
+    starts = [window_starts(s, p, step) for s, p in zip(padded_shape, patch)]
+    windows = list(itertools.product(*starts))
+    mirrors = _mirror_axes(tta)
+    weight = torch.from_numpy(gaussian_weights(patch)).to(device)
+    logits_sum = torch.zeros((num_classes,) + padded_shape, dtype=torch.float32, device=device)
+    weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
+    x_full = torch.from_numpy(image).to(device)
+    use_autocast = autocast and device.type == "cuda"
+    amp_dtype = torch.float16
+    total = len(windows) * len(mirrors)
+    done = 0
+    with torch.inference_mode():
+        for (z, y, x) in windows:
+            sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+            inp = x_full[sl][None, None]
+            if channels_last:
+                inp = inp.contiguous(memory_format=torch.channels_last_3d)
+            acc = None
+            for axes in mirrors:
+                xin = torch.flip(inp, axes) if axes else inp
+                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_autocast):
+                    out = net(xin)
+                out = out.float()
+                if axes:
+                    out = torch.flip(out, axes)
+                acc = out if acc is None else acc + out
+                done += 1
+                if progress is not None:
+                    progress(done / total)
+            if len(mirrors) > 1:
+                acc = acc / len(mirrors)
+            logits_sum[(slice(None),) + sl] += acc[0] * weight
+            weight_sum[sl] += weight
+        logits = logits_sum / weight_sum
+        probs = torch.softmax(logits, dim=0)
+        crop = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(pad_lo, shape))
+        out = probs[crop].float().cpu().numpy()
+    return np.ascontiguousarray(out)

@@ -1,0 +1,215 @@
+"""The Segment tab's logic without a GUI: real subprocesses, real engine CLI, real slicer-core scene.
+
+``ParotidOARGui.Process`` and ``ParotidOARGui.SegmentLogic`` are Qt-free; the
+logic takes its process runner as an argument (here the default, real one).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "ParotidOAR"))
+
+from ParotidOARGui.Process import ProcessRunner, parse_progress  # noqa: E402
+from ParotidOARGui.Signal import Signal  # noqa: E402
+
+from ParotidOARLib import labels, scene  # noqa: E402
+from ParotidOARLib.errors import Cancelled, OutputExistsError  # noqa: E402
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def test_signal_and_progress_parsing():
+    sig, got = Signal("a, b"), []
+    sig.connect(lambda a, b: got.append((a, b)))
+    sig.emit(1, "x")
+    assert got == [(1, "x")] and len(sig) == 1
+    sig.disconnect()
+    sig.emit(2, "y")
+    assert got == [(1, "x")]
+    assert parse_progress("PROGRESS 42.5 stage 2") == (42.5, "stage 2")
+    assert parse_progress("PROGRESS 120 write") == (100.0, "write")
+    assert parse_progress("error: no parotid") is None
+
+
+def test_process_progress_output_and_exit_code(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        print("PROGRESS 10 read", flush=True)
+        print("working", flush=True)
+        print("PROGRESS 60 stage 2", flush=True)
+        print("error: something the user can fix", file=sys.stderr, flush=True)
+        sys.exit(3)
+    """))
+    runner, progress, finished = ProcessRunner(), [], []
+    runner.progress.connect(lambda p, s: progress.append((p, s)))
+    runner.finished.connect(lambda rc, cancelled: finished.append((rc, cancelled)))
+    runner.start([sys.executable, str(script)])
+    assert runner.wait(timeout=60) == 3
+    assert progress == [(10.0, "read"), (60.0, "stage 2")]
+    assert finished == [(3, False)]
+    assert "working" in runner.output
+    assert runner.error_text() == "error: something the user can fix"
+
+
+def test_cancel_kills_the_whole_process_tree(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        print("PROGRESS 5 started", flush=True)
+        time.sleep(120)
+    """))
+    runner, finished = ProcessRunner(), []
+    runner.finished.connect(lambda rc, cancelled: finished.append(cancelled))
+    runner.start([sys.executable, str(script)])
+    deadline = time.monotonic() + 30
+    while runner.last_progress[0] < 5 and time.monotonic() < deadline:
+        runner.poll()
+        time.sleep(0.02)
+    child_pid = int(pid_file.read_text())
+    parent_pid = runner._proc.pid
+    assert _alive(child_pid) and _alive(parent_pid)
+    t0 = time.monotonic()
+    runner.cancel()
+    runner.wait(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert finished == [True] and runner.cancelled
+    deadline = time.monotonic() + 5
+    while _alive(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child_pid), "the grandchild survived the cancel"
+    assert not _alive(parent_pid)
+
+
+# ---------------------------------------------------------------------------- SegmentLogic end to end
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    from bundle_utils import make_tiny_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    fast = make_tiny_bundle(root / "tiny", stage1_bias=1.0, stage1_spacing=(6.0, 6.0, 6.0),
+                            stage2_spacing=(4.0, 4.0, 4.0))
+    empty = make_tiny_bundle(root / "empty-parotid", stage1_bias=-50.0, stage1_spacing=(6.0, 6.0, 6.0),
+                             stage2_spacing=(4.0, 4.0, 4.0))
+    return {"fast": fast, "empty": empty}
+
+
+@pytest.fixture()
+def oblique_volume(mrml):
+    from bundle_utils import rotation_direction, synthetic_ct
+
+    ct, geometry = synthetic_ct(size=(48, 48, 16), spacing=(3.0, 3.0, 4.0), semi_axes_mm=(60, 65),
+                                direction=rotation_direction(15.0))
+    return scene.add_volume(mrml.scene, ct, geometry, "oblique CT"), geometry
+
+
+def _segmentation_nodes(mrml_scene) -> int:
+    return mrml_scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+
+
+def test_segment_logic_runs_the_cli_and_loads_the_result(mrml, bundles, oblique_volume):
+    from ParotidOARGui.SegmentLogic import SegmentLogic, SegmentRequest
+
+    volume, geometry = oblique_volume
+    logic = SegmentLogic(mrml.scene)  # the default, real process runner
+    steps = []
+    logic.progress.connect(lambda pct, step: steps.append((pct, step)))
+    node = logic.run(SegmentRequest(volume, side="Left", device="CPU", model_dir=str(bundles["fast"])), timeout=300)
+    assert node is not None and logic.error is None
+    names = [node.GetSegmentation().GetNthSegment(i).GetName() for i in range(node.GetSegmentation().GetNumberOfSegments())]
+    assert names == list(labels.STRUCTURES) + [labels.ROI]
+    # progress went up to 100 through the engine's steps
+    assert steps[0] == (0.0, "Starting") and steps[-1] == (100.0, "Done")
+    assert {"stage1", "stage2"} <= {s for _p, s in steps}
+    pcts = [p for p, _s in steps]
+    assert pcts == sorted(pcts)
+    # result on the oblique input grid, crop box, summary
+    masks = scene.segment_arrays(node, volume)
+    assert masks[labels.PAROTID].shape == geometry.shape and masks[labels.PAROTID].any()
+    report = scene.report_of(node)
+    assert report["volumes_cc"][labels.PAROTID] == pytest.approx(
+        masks[labels.PAROTID].sum() * geometry.voxel_volume_cc, rel=1e-3)
+    assert node.GetNodeReference(scene.CROP_BOX_ROLE) is not None
+    rows = dict(scene.summary_rows(report))
+    assert rows["Device"] == "cpu" and "Time: stage1" in rows and "Volume: Parotid" in rows
+    assert logic._tmp is None  # temp folder removed
+
+    # the node now belongs to ParotidOAR: a re-run into it is allowed; after a user edit it is refused
+    node.GetSegmentation().AddEmptySegment("user", "my structure")
+    with pytest.raises(OutputExistsError):
+        logic.run(SegmentRequest(volume, side="left", segmentation_node=node, model_dir=str(bundles["fast"])))
+    assert not logic.is_running
+
+
+def test_segment_logic_failure_leaves_scene_unchanged(mrml, bundles, oblique_volume):
+    from ParotidOARGui.SegmentLogic import SegmentationFailed, SegmentLogic, SegmentRequest
+
+    volume, _geometry = oblique_volume
+    before = _segmentation_nodes(mrml.scene)
+    logic = SegmentLogic(mrml.scene)
+    finished = []
+    logic.finished.connect(lambda node, error: finished.append((node, error)))
+    with pytest.raises(SegmentationFailed, match="(?i)parotid"):
+        logic.run(SegmentRequest(volume, side="right", model_dir=str(bundles["empty"])), timeout=300)
+    assert finished and finished[0][0] is None and finished[0][1].startswith("error:")
+    assert _segmentation_nodes(mrml.scene) == before
+    assert mrml.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 0
+
+
+def test_segment_logic_cancel(mrml, bundles, oblique_volume):
+    from ParotidOARGui.SegmentLogic import SegmentLogic, SegmentRequest
+
+    volume, _geometry = oblique_volume
+    before = _segmentation_nodes(mrml.scene)
+    logic = SegmentLogic(mrml.scene)
+    logic.progress.connect(lambda pct, step: logic.cancel() if step == "read" else None)
+    with pytest.raises(Cancelled):
+        logic.run(SegmentRequest(volume, side="left", model_dir=str(bundles["fast"])), timeout=300)
+    assert "cancelled" in logic.error
+    assert _segmentation_nodes(mrml.scene) == before
+    assert logic._tmp is None
+
+
+def test_request_validation(mrml, oblique_volume):
+    from ParotidOARGui.SegmentLogic import SegmentLogic, SegmentRequest
+    from ParotidOARLib.errors import InputError
+
+    volume, _geometry = oblique_volume
+    logic = SegmentLogic(mrml.scene)
+    for bad in (dict(side="up"), dict(device="tpu"), dict(roi_margin_mm=0)):
+        with pytest.raises(InputError):
+            logic.start(SegmentRequest(volume, **{"side": "left", **bad}))
+    empty_volume = mrml.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    with pytest.raises(InputError, match="image data"):
+        logic.start(SegmentRequest(empty_volume, side="left"))
+    cmd = logic.build_command("in.nrrd", "out.seg.nrrd", "r.json",
+                              SegmentRequest(volume, side="right", device="gpu", model_dir="/m", roi_margin_mm=12.5))
+    assert cmd[1:5] == ["-m", "ParotidOARLib", "segment", "in.nrrd"]
+    assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--model") + 1] == "/m"
+    assert cmd[cmd.index("--roi-margin-mm") + 1] == "12.5" and cmd[-1] == "--progress-lines"
+    assert np.isfinite(float(cmd[cmd.index("--roi-margin-mm") + 1]))

@@ -1,0 +1,201 @@
+"""Static checks of the Slicer module (no Slicer application here).
+
+* the module's Python files compile;
+* every ``self.ui.<name>`` used by ParotidOAR.py / SegmentTab.py is a widget in the .ui;
+* every ``SlicerParameterName`` in the .ui is a field of the ``@parameterNodeWrapper``
+  class, bound to a widget type Slicer's GUI connectors accept for that field's type;
+* module metadata (title, category, "not for clinical use", paper citation);
+* the engine's scene glue never imports Slicer at module level and never uses the
+  application singletons;
+* the CMake lists name every module file and install ParotidOARLib as a package.
+"""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import REPO
+
+MODULE = REPO / "ParotidOAR"
+MODULE_PY = MODULE / "ParotidOAR.py"
+UI_FILE = MODULE / "Resources" / "UI" / "ParotidOAR.ui"
+GUI = MODULE / "ParotidOARGui"
+UI_USERS = [MODULE_PY, GUI / "SegmentTab.py"]
+
+
+def _module_ast() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+
+
+def _ui_widgets() -> dict[str, ET.Element]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def _prop(widget: ET.Element, name: str):
+    for p in widget.findall("property"):
+        if p.get("name") == name:
+            child = list(p)[0]
+            if child.tag == "stringlist":
+                return [s.text for s in child.findall("string")]
+            return child.text
+    return None
+
+
+def _wrapper_fields() -> dict[str, ast.AnnAssign]:
+    for node in _module_ast().body:
+        if isinstance(node, ast.ClassDef) and any(
+                (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list):
+            return {n.target.id: n for n in node.body if isinstance(n, ast.AnnAssign)}
+    raise AssertionError("no @parameterNodeWrapper class in ParotidOAR.py")
+
+
+@pytest.mark.parametrize("path", sorted([MODULE_PY, *GUI.glob("*.py"), *(MODULE / "Scripts").glob("*.py"),
+                                         *(MODULE / "Testing" / "Python").glob("*.py")]), ids=lambda p: p.name)
+def test_module_files_compile(path, tmp_path):
+    py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+def test_every_ui_name_used_exists_in_ui_file():
+    widgets = _ui_widgets()
+    used = set()
+    for path in UI_USERS:
+        used |= {(path.name, m) for m in re.findall(r"\bself\.ui\.(\w+)", path.read_text(encoding="utf-8"))}
+    assert used, "no self.ui.<name> found - has the module changed its naming?"
+    missing = sorted(f"{f}: {name}" for f, name in used if name not in widgets)
+    assert not missing, f"widgets used in code but absent from {UI_FILE.name}: {missing}"
+
+
+def test_required_widgets_and_tabs():
+    widgets = _ui_widgets()
+    for name in ("tabWidget", "segmentTab", "reviewTab", "inputVolumeSelector", "sideComboBox", "deviceComboBox",
+                 "modelComboBox", "roiMarginSpinBox", "outputSegmentationSelector", "showRoiCheckBox",
+                 "segmentButton", "progressBar", "statusLabel", "summaryTable", "exportRtstructButton",
+                 "advancedCollapsibleButton"):
+        assert name in widgets, name
+    tabs = [w for w in widgets["tabWidget"].findall("widget")]
+    titles = [t.find("attribute/string").text for t in tabs]
+    assert titles == ["Segment", "Review"]
+    assert widgets["roiMarginSpinBox"].get("class") == "QDoubleSpinBox"
+    assert float(_prop(widgets["roiMarginSpinBox"], "value")) == 17.0
+    out = widgets["outputSegmentationSelector"]
+    assert _prop(out, "nodeTypes") == ["vtkMRMLSegmentationNode"]
+    assert _prop(out, "noneEnabled") == "true" and _prop(out, "addEnabled") == "true"
+    assert _prop(out, "renameEnabled") == "true" and _prop(out, "noneDisplay") == "Create new"
+    assert _prop(widgets["inputVolumeSelector"], "nodeTypes") == ["vtkMRMLScalarVolumeNode"]
+    assert _prop(widgets["showRoiCheckBox"], "checked") == "true"
+    # the advanced box really holds the margin
+    advanced = widgets["advancedCollapsibleButton"]
+    assert any(w.get("name") == "roiMarginSpinBox" for w in advanced.iter("widget"))
+
+
+def test_parameter_names_are_wrapper_fields_with_compatible_widgets():
+    widgets = _ui_widgets()
+    fields = _wrapper_fields()
+    bound = {name: _prop(w, "SlicerParameterName") for name, w in widgets.items()
+             if _prop(w, "SlicerParameterName") is not None}
+    assert bound, "no SlicerParameterName in the .ui"
+    for widget_name, param in bound.items():
+        assert param in fields, f"{widget_name}: SlicerParameterName {param!r} is not a parameter-node field"
+        annotation = ast.unparse(fields[param].annotation)
+        cls = widgets[widget_name].get("class")
+        if cls == "QComboBox":  # Slicer's QComboBoxToStringableConnector needs a Choice annotation
+            choice = re.search(r"Choice\((\[.*?\])\)", annotation)
+            assert choice, f"{param}: a QComboBox needs Annotated[str, Choice([...])]"
+            items = [i.find("property/string").text for i in widgets[widget_name].findall("item")]
+            assert ast.literal_eval(choice.group(1)) == items, f"{param}: Choice differs from the .ui items"
+            default = ast.literal_eval(fields[param].value)
+            assert default in items
+        elif cls == "QDoubleSpinBox":
+            assert annotation.startswith("Annotated[float") or annotation == "float", param
+        elif cls == "QCheckBox":
+            assert annotation == "bool", param
+        elif cls == "qMRMLNodeComboBox":
+            assert annotation in _prop(widgets[widget_name], "nodeTypes"), f"{param}: {annotation}"
+        else:
+            raise AssertionError(f"{widget_name}: no parameter-node connector for {cls}")
+    assert ast.literal_eval(fields["roiMarginMm"].value) == 17.0
+    assert ast.literal_eval(fields["showRoi"].value) is True
+    assert {"inputVolume", "outputSegmentation", "side", "device", "roiMarginMm", "showRoi", "model"} <= set(fields)
+
+
+def test_module_metadata():
+    source = MODULE_PY.read_text(encoding="utf-8")
+    assert 'self.parent.title = _("Parot' + 'id OAR")' in source
+    assert '"Segmentation")]' in source
+    tree = _module_ast()
+    texts = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+            attr = node.targets[0].attr
+            if attr in ("helpText", "acknowledgementText"):
+                texts[attr] = ast.literal_eval(node.value.args[0])
+    help_text = " ".join(texts["helpText"].split())
+    assert "not for clinical use" in help_text.lower()
+    assert "two-step" in help_text.lower() and "17 mm" in help_text
+    ack = " ".join(texts["acknowledgementText"].split())
+    assert "2022;14(6)" in ack and "Brachytherapy" in ack and "nnU-Net" in ack
+    for name in ("ParotidOAR", "ParotidOARWidget", "ParotidOARLogic", "ParotidOARTest", "ParotidOARParameterNode"):
+        assert any(isinstance(n, ast.ClassDef) and n.name == name for n in tree.body), name
+    assert "tryWithErrorDisplay" in (GUI / "SegmentTab.py").read_text(encoding="utf-8")
+    assert "from slicer.i18n import tr as _" in source
+
+
+def test_self_test_skips_nothing_and_runs_segment():
+    tree = _module_ast()
+    test_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ParotidOARTest")
+    src = ast.get_source_segment(MODULE_PY.read_text(encoding="utf-8"), test_cls)
+    assert "skip" not in src.lower()
+    assert "generate_case(" in src and "size=\"small\"" in src and "metrics.compare(" in src
+    run_test = next(n for n in test_cls.body if isinstance(n, ast.FunctionDef) and n.name == "runTest")
+    called = {n.func.attr for n in ast.walk(run_test) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    tests = {n.name for n in test_cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    assert tests and tests <= called, f"runTest does not call {tests - called}"
+
+
+def test_scene_glue_never_uses_app_singletons():
+    path = REPO / "ParotidOARLib" / "scene.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:  # module level: no slicer / qt / vtk imports
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            assert not any(n.split(".")[0] in ("slicer", "qt", "vtk", "ctk") for n in names), ast.unparse(node)
+    text = path.read_text(encoding="utf-8")
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith(("#", "*", "``")))
+    for forbidden in ("slicer.mrmlScene", "slicer.modules", "slicer.app", "slicer.util."):
+        assert forbidden not in code.split('"""', 2)[-1], forbidden
+
+
+def test_gui_logic_files_are_qt_free():
+    for name in ("Signal.py", "Process.py", "SegmentLogic.py"):
+        tree = ast.parse((GUI / name).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] in ("qt", "slicer", "ctk") for n in names), (name, ast.unparse(node))
+
+
+def test_cmake_lists_module_files_and_packages_engine():
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+    block = re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", text, re.S).group(1)
+    scripts = [s for s in block.split() if not s.startswith("#")]
+    for s in scripts:
+        path = MODULE / s.replace("${MODULE_NAME}", "ParotidOAR")
+        assert path.exists(), f"listed in MODULE_PYTHON_SCRIPTS but missing: {s}"
+    listed = {s.replace("${MODULE_NAME}", "ParotidOAR") for s in scripts}
+    for py in sorted(GUI.glob("*.py")):
+        assert f"ParotidOARGui/{py.name}" in listed, py.name
+    assert "Scripts/batch_segment.py" in listed
+    for name in ("scene.py", "batch.py", "commands/batch.py"):
+        assert f"../ParotidOARLib/{name}" in listed, name
+    resources = re.search(r"set\(MODULE_PYTHON_RESOURCES(.*?)\)", text, re.S).group(1).split()
+    assert "Resources/UI/${MODULE_NAME}.ui" in resources and "Resources/requirements.txt" in resources
+    # the engine is copied as a package folder next to ParotidOAR.py, not to ../ (outside the module dir)
+    assert "ctkMacroCompilePythonScript" in text and "SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in text
+    tests = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"^\s*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}ModuleTest.py\)", tests, re.M)

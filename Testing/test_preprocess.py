@@ -1,0 +1,203 @@
+"""CT reading, validation, body midline, side cut, resampling and normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bundle_utils import rotation_direction, synthetic_ct
+from ParotidOARLib import preprocess
+from ParotidOARLib.errors import InputError
+from ParotidOARLib.imageio import Geometry, write_image
+
+
+# --------------------------------------------------------------------------- reading
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_read_ct_formats_keep_values_and_geometry(tmp_path, suffix):
+    ct, g = synthetic_ct(size=(40, 36, 12), spacing=(2.0, 2.5, 3.0))
+    path = write_image(tmp_path / f"ct{suffix}", ct, g)
+    arr, g2, meta = preprocess.read_ct(path)
+    assert arr.dtype == np.int16
+    assert np.array_equal(arr, ct)
+    assert g2.same_grid(g)
+    assert meta["source"] == str(path) and meta["format"] in ("nrrd", "nifti", "metaimage")
+
+
+def test_read_ct_float_input_becomes_rounded_int16(tmp_path):
+    ct, g = synthetic_ct(size=(40, 36, 12))
+    f = ct.astype(np.float32) + 0.4
+    f[0, 0, 0] = 1e6  # out of int16 range → clipped, not wrapped
+    path = write_image(tmp_path / "ct.nrrd", f, g)
+    arr, _, meta = preprocess.read_ct(path)
+    assert arr.dtype == np.int16 and meta["original_dtype"] == "float32"
+    assert arr[0, 0, 0] == 32767
+    assert np.array_equal(arr.ravel()[1:], ct.ravel()[1:])
+
+
+def test_read_ct_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        preprocess.read_ct(tmp_path / "missing.nrrd")
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(InputError, match="unsupported file type"):
+        preprocess.read_ct(tmp_path / "x.txt")
+    (tmp_path / "a.seg.nrrd").write_text("x")
+    with pytest.raises(InputError, match="segmentation"):
+        preprocess.read_ct(tmp_path / "a.seg.nrrd")
+    (tmp_path / "bad.nrrd").write_bytes(b"NRRD0004\ngarbage\n")
+    with pytest.raises(InputError, match="Cannot read"):
+        preprocess.read_ct(tmp_path / "bad.nrrd")
+
+
+def test_read_ct_dicom_folder(tmp_path):
+    pytest.importorskip("pydicom")
+    dicom_utils = pytest.importorskip("dicom_utils")
+    pytest.importorskip("ParotidOARLib.dicomio")
+    ct, g = synthetic_ct(size=(40, 36, 12), spacing=(2.0, 2.0, 3.0))
+    dicom_utils.write_ct_series(tmp_path / "dcm", ct, g)
+    arr, g2, meta = preprocess.read_ct(tmp_path / "dcm")
+    assert arr.dtype == np.int16
+    assert np.array_equal(arr, ct)
+    assert g2.same_grid(g)
+    assert meta["format"] == "dicom"
+
+
+# --------------------------------------------------------------------------- validation
+def test_validate_accepts_a_ct():
+    ct, g = synthetic_ct()
+    preprocess.validate_ct(ct, g, "ct")
+
+
+def test_validate_rejects_non_3d():
+    with pytest.raises(InputError, match="3D"):
+        preprocess.validate_ct(np.zeros((10, 10)), None, "slice")
+    with pytest.raises(InputError, match="3D"):
+        preprocess.validate_ct(np.zeros((2, 10, 10, 10)), None, "4d")
+
+
+def test_validate_rejects_missing_geometry_and_mismatch():
+    ct, g = synthetic_ct()
+    with pytest.raises(InputError, match="spacing"):
+        preprocess.validate_ct(ct, None, "ct")
+    with pytest.raises(InputError, match="does not match"):
+        preprocess.validate_ct(ct[:, :, :-1], g, "ct")
+
+
+def test_validate_rejects_non_ct():
+    ct, g = synthetic_ct()
+    mr = (ct.astype(np.int32) + 1000).clip(0, 1200).astype(np.int16)  # MR-like: no negative values
+    with pytest.raises(InputError, match="does not look like a CT"):
+        preprocess.validate_ct(mr, g, "mr")
+    soft = np.clip(ct, -1000, 200)  # air but no bone: not a head CT in HU
+    with pytest.raises(InputError, match="does not look like a CT"):
+        preprocess.validate_ct(soft, g, "soft")
+    with pytest.raises(InputError, match="does not look like a CT"):
+        preprocess.validate_ct(np.zeros(g.shape, np.int16), g, "zeros")
+
+
+def test_validate_rejects_too_small():
+    ct, g = synthetic_ct(size=(20, 20, 10), spacing=(2.0, 2.0, 2.0))  # 40 mm wide
+    with pytest.raises(InputError, match="too small"):
+        preprocess.validate_ct(ct, g, "tiny")
+    ct, g = synthetic_ct(size=(80, 80, 5), spacing=(3.0, 3.0, 10.0))  # too few slices
+    with pytest.raises(InputError, match="too small"):
+        preprocess.validate_ct(ct, g, "thick")
+
+
+# --------------------------------------------------------------------------- body, midline, side
+@pytest.mark.parametrize("offset", [-30.0, 0.0, 25.0])
+def test_midline_follows_the_body_not_the_image_centre(offset):
+    ct, g = synthetic_ct(body_centre_lps=(offset, 10.0, 0.0))
+    mid = preprocess.body_midline_x(ct, g)
+    assert mid == pytest.approx(offset, abs=3.5)  # within about one voxel (3 mm)
+    body = preprocess.body_mask(ct, g)
+    assert body.dtype == bool and body.shape == ct.shape
+    assert preprocess.body_midline_x(ct, g, body) == pytest.approx(offset, abs=3.5)
+
+
+def test_midline_rotated_and_flipped_geometry():
+    d = rotation_direction(15.0, 0.0, flip_k=True)
+    ct, g = synthetic_ct(size=(90, 90, 20), spacing=(2.5, 2.5, 5.0), direction=d, body_centre_lps=(-18.0, 0, 0))
+    assert preprocess.body_midline_x(ct, g) == pytest.approx(-18.0, abs=4.0)
+
+
+def test_body_mask_drops_the_couch():
+    ct, g = synthetic_ct(size=(80, 80, 20))
+    ct[:, 75:78, :] = 200  # a couch, separated from the body by air
+    body = preprocess.body_mask(ct, g)
+    assert not body[:, 76, :].any()
+    assert body[:, 40, 40].all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_side_crop_keeps_the_correct_half(side):
+    ct, g = synthetic_ct(body_centre_lps=(20.0, 0, 0))
+    mid = preprocess.body_midline_x(ct, g)
+    arr, g2, (lo, hi) = preprocess.side_crop(ct, g, side, midline_x=mid)
+    assert arr.shape == g2.shape
+    assert np.array_equal(arr, ct[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    # x of the cropped voxel centres (identity direction: x grows with i)
+    xs = g2.index_to_lps(np.array([[0, 0, 0], [g2.size[0] - 1, 0, 0]]))[:, 0]
+    if side == "left":  # LPS +x = patient left
+        assert xs.min() >= mid - g.spacing[0] and xs.max() == pytest.approx(g.index_to_lps([g.size[0] - 1, 0, 0])[0])
+    else:
+        assert xs.max() <= mid + g.spacing[0] and xs.min() == pytest.approx(g.origin[0])
+    half = preprocess.side_halfspace_mask(g, side, mid)
+    x_all = g.index_to_lps(np.argwhere(half)[:, ::-1])[:, 0]
+    assert (x_all > mid).all() if side == "left" else (x_all < mid).all()
+    assert half.sum() + preprocess.side_halfspace_mask(g, "right" if side == "left" else "left", mid).sum() \
+        <= half.size
+
+
+def test_side_crop_oblique_box_contains_the_half():
+    g = Geometry((50, 40, 10), (2.0, 2.0, 4.0), (-50.0, -40.0, 0.0), rotation_direction(30.0))
+    mid = 3.0
+    lo, hi = preprocess.side_halfspace_box(g, "left", mid)
+    half = preprocess.side_halfspace_mask(g, "left", mid)
+    inside = np.zeros(g.shape, bool)
+    inside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+    assert half.any() and not (half & ~inside).any()
+    with pytest.raises(InputError):
+        preprocess.check_side("both")
+    assert preprocess.check_side("L") == "left" and preprocess.check_side("Right") == "right"
+
+
+# --------------------------------------------------------------------------- resampling
+def test_resample_keeps_the_physical_box():
+    ct, g = synthetic_ct(size=(80, 70, 30), spacing=(3.0, 3.0, 4.0), direction=rotation_direction(20.0))
+    arr, g2 = preprocess.resample(ct, g, (4.0, 4.0, 3.0))
+    assert g2.spacing == (4.0, 4.0, 3.0) and arr.shape == g2.shape
+    assert np.allclose(preprocess.lps_bounds(g)[0], preprocess.lps_bounds(g2)[0], atol=2.5)
+    assert np.allclose(preprocess.physical_extent_mm(g), preprocess.physical_extent_mm(g2), atol=4.0)
+    assert g2.direction == g.direction
+    # identity resampling returns the same values
+    same = preprocess.resample_to(ct, g, g, "linear")
+    assert np.array_equal(same, ct)
+    mask = ct > 500
+    m2 = preprocess.resample_to(mask, g, g, "nearest")
+    assert m2.dtype == bool and np.array_equal(m2, mask)
+
+
+def test_resample_region_equals_full_resample():
+    ct, g = synthetic_ct(size=(80, 70, 30), spacing=(3.0, 3.0, 4.0))
+    target = preprocess.axis_aligned_grid((1.5, 1.5, 2.0), (-20.0, -30.0, -10.0), (25.0, 10.0, 30.0))
+    full = preprocess.resample_to(ct, g, target, "linear", output_dtype=np.float32)
+    part = preprocess.resample_region(ct, g, target, "linear", output_dtype=np.float32)
+    assert part.dtype == np.float32 and np.allclose(full, part)
+    outside = preprocess.axis_aligned_grid((2, 2, 2), (1000.0, 1000.0, 1000.0), (1010.0, 1010.0, 1010.0))
+    assert (preprocess.resample_region(ct, g, outside) == preprocess.AIR_HU).all()
+
+
+def test_axis_aligned_grid_min_size_grows_symmetrically():
+    g = preprocess.axis_aligned_grid((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (10.0, 20.0, 10.0), min_size_zyx=(8, 16, 16))
+    assert g.size == (16, 20, 8)
+    lo, hi = preprocess.lps_bounds(g)
+    assert np.allclose(lo, [-3.0, 0.0, -3.0]) and np.allclose(hi, [13.0, 20.0, 13.0])
+
+
+def test_normalise():
+    a = np.array([-2000, -100, 0, 100, 5000], np.int16)
+    out = preprocess.normalise(a, {"clip": [-100, 300], "mean": 50.0, "std": 100.0})
+    assert out.dtype == np.float32
+    assert np.allclose(out, [-1.5, -1.5, -0.5, 0.5, 2.5])
+    stats = preprocess.intensity_statistics(np.arange(1000))
+    assert stats["clip"][0] == pytest.approx(4.995) and stats["std"] > 0

@@ -1,0 +1,196 @@
+"""Training: losses, augmentation, a real smoke run (loss decreases, checkpoints, resume, bundle).
+
+Everything is real: torch training on 2 small phantom cases with a tiny network (CPU, ~1 min).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ParotidOARLib import labels as L
+from ParotidOARLib.augment import AugmentParams, sample_patch
+from ParotidOARLib.losses import DeepSupervisionLoss, deep_supervision_weights, downsample_labels, soft_dice_loss
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ losses
+def test_deep_supervision_weights_nnunet():
+    w = deep_supervision_weights(4)
+    assert w[-1] == 0.0 and abs(sum(w) - 1) < 1e-9
+    assert w[0] == pytest.approx(1 / 1.75) and w[1] == pytest.approx(0.5 / 1.75) and w[2] == pytest.approx(0.25 / 1.75)
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_perfect_prediction_gives_near_zero_loss_and_wrong_one_high():
+    y = torch.zeros(2, 8, 16, 16, dtype=torch.long)
+    y[:, 2:6, 4:12, 4:12] = 1
+    y[:, 3:5, 6:10, 6:8] = 2
+    perfect = torch.nn.functional.one_hot(y, 3).permute(0, 4, 1, 2, 3).float() * 50
+    assert float(soft_dice_loss(perfect, y)) < 1e-3
+    wrong = torch.roll(perfect, 1, dims=1)
+    assert float(soft_dice_loss(wrong, y)) > 0.95
+    # deep supervision: outputs at full, 1/2, 1/4; ground truth downsampled per output
+    outs = [perfect, torch.nn.functional.interpolate(perfect, scale_factor=0.5),
+            torch.nn.functional.interpolate(perfect, scale_factor=0.25)]
+    loss = DeepSupervisionLoss(3)(outs, y)
+    assert float(loss) < 0.02
+    assert downsample_labels(y, (4, 8, 8)).shape == (2, 4, 8, 8)
+
+
+def test_channel_mask_ignores_unlabelled_classes():
+    y = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    y[:, 2:6, 2:6, 2:6] = 1
+    logits = torch.nn.functional.one_hot(y, 3).permute(0, 4, 1, 2, 3).float() * 50
+    logits[:, 2, :2] = 100  # class 2 predicted where it is unlabelled in this case
+    full = float(soft_dice_loss(logits, y))
+    masked = float(soft_dice_loss(logits, y, channel_mask=torch.tensor([[1.0, 1.0, 0.0]])))
+    assert masked < 1e-3 < full
+
+
+# ------------------------------------------------------------------ augmentation
+def test_patch_without_augmentation_is_a_crop_and_mirror_is_left_right_only():
+    rng = np.random.default_rng(0)
+    img = torch.arange(10 * 12 * 14, dtype=torch.float32).reshape(10, 12, 14)
+    lab = (img.long() % 7)
+    centre = (4.5, 5.5, 6.5)  # patch (4, 6, 8) → voxels 3..6, 3..8, 3..10
+    x, y, _ = sample_patch(img, lab, centre, (4, 6, 8), (3.0, 1.0, 1.0), rng, AugmentParams.none())
+    assert torch.allclose(x[0], img[3:7, 3:9, 3:11], atol=1e-3)
+    assert torch.equal(y, lab[3:7, 3:9, 3:11])
+    p = AugmentParams.none()
+    p.p_mirror = 1.0
+    x, y, _ = sample_patch(img, lab, centre, (4, 6, 8), (3.0, 1.0, 1.0), rng, p)
+    assert torch.allclose(x[0], torch.flip(img[3:7, 3:9, 3:11], dims=[2]), atol=1e-3)  # x only
+    assert torch.equal(y, torch.flip(lab[3:7, 3:9, 3:11], dims=[2]))
+
+
+def test_spatial_augmentation_keeps_image_and_labels_aligned():
+    rng = np.random.default_rng(1)
+    img = torch.zeros(24, 32, 32)
+    img[8:16, 10:22, 10:22] = 1.0
+    lab = (img > 0.5).long()
+    p = AugmentParams(p_spatial=1, p_elastic=1, p_intensity=0, p_noise=0)
+    for _ in range(5):
+        x, y, _ = sample_patch(img, lab, (12, 16, 16), (16, 24, 24), (2.0, 1.0, 1.0), rng, p)
+        agree = ((x[0] > 0.5) == (y > 0)).float().mean()
+        assert agree > 0.97
+
+
+# ------------------------------------------------------------------ smoke training
+@pytest.fixture(scope="module")
+def small_items():
+    from ParotidOARLib import training
+
+    s1, s2 = [], []
+    for seed, side in ((100000, "left"), (100001, "right")):
+        s1.append(training.phantom_stage1_item(seed, side=side, size="small"))
+        s2.append(training.phantom_stage2_items(seed, side=side, size="small", one_step=False)[0])
+    return s1, s2
+
+
+def _tiny(stage):
+    from ParotidOARLib import training
+
+    c = training.default_config(stage)
+    c.base_features, c.max_features = 4, 16
+    return c.to_dict()
+
+
+def _cfg(tmp_path, stage, epochs, name):
+    from ParotidOARLib import training
+
+    return training.TrainConfig(stage=stage, run_dir=str(tmp_path / name), epochs=epochs, iterations_per_epoch=6,
+                                lr=1e-2, patch=(16, 32, 24) if stage == 1 else (16, 32, 32),
+                                spacing=training.STAGE1_SPACING if stage == 1 else training.STAGE2_SPACING,
+                                network=_tiny(stage), val_patches=4, device="cpu", threads=2, progress=False,
+                                augment={"p_spatial": 0.3, "p_elastic": 0.0})
+
+
+def test_smoke_training_resume_and_bundle(tmp_path, small_items):
+    from ParotidOARLib import bundle, training
+
+    s1, s2 = small_items
+    norm1 = training.compute_normalisation(s1)
+    assert norm1["clip"][0] < norm1["mean"] < norm1["clip"][1] and norm1["std"] > 0
+    p1 = training.prepare(s1, norm1, 1, (16, 32, 24))
+    # uninterrupted run: 3 epochs
+    rec = training.train(_cfg(tmp_path, 1, 3, "s1_full"), p1, p1, norm1, log=lambda m: None)
+    log = json.loads((tmp_path / "s1_full" / "log.json").read_text())
+    assert [r["iteration"] for r in log] == [6, 12, 18] and rec["iterations"] == 18
+    assert log[-1]["train_loss"] < log[0]["train_loss"], log  # the loss decreases
+    for f in ("checkpoint_last.pt", "checkpoint_best_dice.pt", "checkpoint_best_loss.pt", "log.csv", "curve.png"):
+        assert (tmp_path / "s1_full" / f).exists(), f
+
+    # interrupted after 2 epochs, then resumed to 3: continues the counter, optimizer and RNG → same weights
+    training.train(_cfg(tmp_path, 1, 2, "s1_resume"), p1, p1, norm1, log=lambda m: None)
+    ck = torch.load(tmp_path / "s1_resume" / "checkpoint_last.pt", weights_only=False)
+    assert ck["state"]["iteration"] == 12
+    assert any("momentum_buffer" in v for v in ck["optimizer"]["state"].values())
+    msgs = []
+    training.train(_cfg(tmp_path, 1, 3, "s1_resume"), p1, p1, norm1, resume=True, log=msgs.append)
+    assert any("resumed" in m and "iteration 12" in m for m in msgs)
+    a = torch.load(tmp_path / "s1_full" / "checkpoint_last.pt", weights_only=False)
+    b = torch.load(tmp_path / "s1_resume" / "checkpoint_last.pt", weights_only=False)
+    assert b["state"]["iteration"] == 18 and len(b["state"]["log"]) == 3
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
+
+    # stage 2 (six OARs) on the ROI crops
+    norm2 = training.compute_normalisation(s2)
+    p2 = training.prepare(s2, norm2, 2, (16, 32, 32))
+    training.train(_cfg(tmp_path, 2, 1, "s2"), p2, p2, norm2, log=lambda m: None)
+
+    out = training.write_bundle(tmp_path / "bundle", tmp_path / "s1_full", tmp_path / "s2",
+                                data_description={"description": "test", "sources": ["phantom"]},
+                                training_record={"note": "smoke"})
+    b = bundle.load_bundle(out, verify=True)
+    m = b.manifest
+    assert m.clinical_use is False
+    assert m.labels("stage2") == ["background", *L.OARS] and m.labels("stage1") == ["background", L.PAROTID]
+    assert m.training["stage1"]["iterations"] == 18 and m.training["git_commit"]
+    for s in ("stage1", "stage2"):
+        assert bundle.sha256_file(out / m.stage(s)["file"]) == m.stage(s)["sha256"]
+        sd = torch.load(out / m.stage(s)["file"], weights_only=True)
+        assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    net = b.model("stage1", "cpu")
+    with torch.no_grad():
+        assert net(torch.zeros(1, 1, 16, 32, 24)).shape == (1, 2, 16, 32, 24)
+    # tampering is detected
+    with open(out / "stage2.pt", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(Exception):
+        bundle.load_bundle(out, verify=True)
+
+
+def test_cli_train_on_seg_dataset(tmp_path):
+    """`python -m ParotidOARLib train` end to end on a 2-case .seg.nrrd dataset (the phantom's own files)."""
+    from ParotidOARLib import phantom
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, side in enumerate(("left", "right")):
+        phantom.write_case(phantom.generate_case(100010 + i, side=side, size="small"), data / f"case{i}")
+    cmd = [sys.executable, "-m", "ParotidOARLib", "train", "--data", str(data), "--stage", "both",
+           "--work-dir", str(tmp_path / "work"), "--epochs", "1", "--iterations-per-epoch", "2",
+           "--phantom-cases", "1", "--phantom-val-cases", "1", "--phantom-size", "small", "--base-features", "4",
+           "--patch1", "16", "32", "24", "--patch2", "16", "32", "32", "--threads", "2", "--no-progress",
+           "--out", str(tmp_path / "bundle")]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "not for clinical use" in r.stderr.lower()
+    split = json.loads((tmp_path / "work" / "splits.json").read_text())
+    assert sorted(split["train"] + split["validation"] + split["test"]) == ["case0", "case1"]
+    man = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert man["clinical_use"] is False and "OpenKBP" in json.dumps(man["data"]) or man["data"]
+    assert man["training"]["command_line"].startswith("python -m ParotidOARLib train")
+    # a broken dataset fails before training, listing the problem
+    (data / "case1" / "reference-full.seg.nrrd").unlink()
+    (data / "case1" / "reference.seg.nrrd").unlink()
+    r = subprocess.run(cmd[:-1] + [str(tmp_path / "bundle2")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "case1" in r.stderr and "problem" in r.stderr
