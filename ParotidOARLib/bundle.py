@@ -107,11 +107,20 @@ class Manifest:
         return cls(**known)
 
 
-def stage_spec(labels, spacing, normalisation: dict, patch_size, architecture) -> dict:
-    """One ``stages`` entry; ``architecture`` is a :class:`UNetConfig` or its dict."""
+def stage_spec(labels, spacing, normalisation: dict, patch_size, architecture, context_mm=None,
+               inference_patch_size=None) -> dict:
+    """One ``stages`` entry; ``architecture`` is a :class:`UNetConfig` or its dict.
+
+    ``context_mm`` (stage 2): tissue kept around the ROI box in the stage-2 crop
+    (default 8 mm when absent, as in training). ``inference_patch_size`` (z, y, x): an
+    optional larger sliding window for inference (must be a multiple of the network divisor).
+    """
     if hasattr(architecture, "to_dict"):
         architecture = architecture.to_dict()
-    return {"labels": list(labels), "spacing": [float(v) for v in spacing],
+    extra = {} if context_mm is None else {"context_mm": float(context_mm)}
+    if inference_patch_size is not None:
+        extra["inference_patch_size"] = [int(v) for v in inference_patch_size]
+    return {**extra, "labels": list(labels), "spacing": [float(v) for v in spacing],
             "normalisation": {"clip": [float(v) for v in normalisation["clip"]],
                               "mean": float(normalisation["mean"]), "std": float(normalisation["std"])},
             "patch_size": [int(v) for v in patch_size], "architecture": dict(architecture)}

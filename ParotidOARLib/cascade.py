@@ -41,6 +41,8 @@ from .imageio import Geometry
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
 STAGE2_CONTEXT_MM = 8.0
 MIN_COMPONENT_CC = 2.0
+BODY_MARGIN_MM = 10.0
+MIN_SIDE_WIDTH_MM = 30.0  # the parotid lies ~40-70 mm lateral of the midline
 
 
 # --------------------------------------------------------------------------- recommended architecture
@@ -70,12 +72,12 @@ def default_architecture(stage) -> StageDefaults:
         return StageDefaults(
             UNetConfig(in_channels=1, num_classes=2, base_features=16, max_features=128,
                        strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]], deep_supervision=True),
-            (4.0, 4.0, 3.0), (32, 64, 48), 0.0)
+            (4.0, 4.0, 3.0), (64, 64, 32), 0.0)
     if s == "2":
         return StageDefaults(
             UNetConfig(in_channels=1, num_classes=len(labels.OARS) + 1, base_features=16, max_features=128,
                        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], deep_supervision=True),
-            (1.0, 1.0, 2.0), (32, 64, 64), STAGE2_CONTEXT_MM)
+            (1.0, 1.0, 2.0), (48, 96, 96), STAGE2_CONTEXT_MM)
     raise ValueError(f"stage must be 1 or 2, got {stage!r}")
 
 
@@ -170,7 +172,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     """Segment one CT (int16 HU ``[k, j, i]`` on ``geometry``). See the module docstring."""
     import torch
 
-    from .inference import configure_cpu_threads, select_device, sliding_window
+    from .inference import configure_cpu_threads, optimise_for_cpu, select_device, sliding_window
 
     timer = _Timer()
     t_total = time.perf_counter()
@@ -178,6 +180,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     margin = float(options.roi_margin_mm)
     if not np.isfinite(margin) or margin <= 0:
         raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
+    if not (0.0 < float(options.step) <= 1.0):
+        raise InputError(f"--step must be in (0, 1], got {options.step}.")
     preprocess.validate_ct(array, geometry, name)
     array = preprocess.to_int16(array)
 
@@ -189,6 +193,15 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
         net1 = bundle.model("stage1", device)
         net2 = bundle.model("stage2", device)
+        if device.type == "cpu":
+            optimise_for_cpu(net1)
+            optimise_for_cpu(net2)
+    for st in ("stage1", "stage2"):
+        div = man.architecture(st).divisor
+        if any(p % d for p, d in zip(inference_patch(man, st), div)):
+            from .errors import ModelError
+            raise ModelError(f"Bundle {bundle.directory}: {st} patch {inference_patch(man, st)} is not a multiple of "
+                             f"the network's {div}. Fix the manifest or retrain.")
     stage2_labels = man.labels("stage2")[1:]
     unknown = [n for n in stage2_labels if n not in labels.OARS]
     if unknown or man.labels("stage1")[1:] != [labels.PAROTID]:
@@ -200,13 +213,17 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     with timer("preprocess"):
         midline, midline_info = preprocess.body_midline(array, geometry)
         lo, hi = preprocess.lps_bounds(geometry)
+        # only the body (+ BODY_MARGIN_MM of air) is searched: a 500 mm field of view is mostly air
+        blo, bhi = (np.asarray(v) for v in midline_info["body_box_lps"])
+        lo, hi = np.maximum(lo, blo - BODY_MARGIN_MM), np.minimum(hi, bhi + BODY_MARGIN_MM)
         if side == "left":
             lo[0] = max(lo[0], midline)
         else:
             hi[0] = min(hi[0], midline)
-        if hi[0] - lo[0] < 1.0:
-            raise InputError(f"{name}: nothing of the patient's {side} side is in the image "
-                             f"(body midline at x = {midline:.1f} mm LPS). Check --side.")
+        if hi[0] - lo[0] < MIN_SIDE_WIDTH_MM:
+            raise InputError(f"{name}: the patient's {side} side is not in the image (only {max(hi[0] - lo[0], 0):.0f} mm "
+                             f"of it beyond the body midline at x = {midline:.1f} mm LPS; need "
+                             f"{MIN_SIDE_WIDTH_MM:.0f} mm). Check --side (left = patient left) and the scan.")
         sp1 = man.spacing("stage1")
         g1 = preprocess.axis_aligned_grid(sp1, lo, hi)
         norm1 = man.normalisation("stage1")
@@ -219,7 +236,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
     # ---- stage 1
     with timer("stage1"):
-        probs1 = sliding_window(net1, x1, man.patch_size("stage1"), 2, device, step=options.step,
+        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device, step=options.step,
                                 tta=options.tta, pad_value=_normalised_air(norm1),
                                 progress=progress_mod.scaled(progress, "stage1"))
         fg1 = probs1[1]
@@ -259,7 +276,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     with timer("stage2"):
         sp2 = man.spacing("stage2")
         norm2 = man.normalisation("stage2")
-        patch2 = man.patch_size("stage2")
+        patch2 = inference_patch(man, "stage2")
         context = float(man.stage("stage2").get("context_mm", STAGE2_CONTEXT_MM))
         clo, chi = preprocess.lps_bounds(geometry, rlo, rhi)
         g2 = preprocess.axis_aligned_grid(sp2, clo - context, chi + context, min_size_zyx=patch2)
@@ -320,6 +337,14 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     return CascadeResult(masks, roi, roi_name, crop_box, report, geometry, side)
 
 
+def inference_patch(man, stage: str) -> tuple[int, int, int]:
+    """The window used at inference: the stage's optional ``inference_patch_size`` (a larger window
+    than in training: fewer overlapping windows, several times faster on CPU, see docs/cascade.md),
+    else its training ``patch_size`` (nnU-Net's choice)."""
+    spec = man.stage(stage)
+    return tuple(int(v) for v in spec.get("inference_patch_size") or spec["patch_size"])
+
+
 def _input_box(geometry: Geometry, lo_lps, hi_lps):
     """Index box of ``geometry`` covering the LPS box (None if outside)."""
     g = preprocess.axis_aligned_grid(geometry.spacing, lo_lps, hi_lps)
@@ -342,6 +367,11 @@ def check_outputs(paths, force: bool) -> None:
             raise InputError(f"Output folder {p.parent} does not exist. Create it first.")
 
 
+#: reader metadata copied into the JSON report (an allow-list, so identifiers never leak into it)
+_REPORT_INPUT_KEYS = ("format", "modality", "study_instance_uid", "series_instance_uid",
+                      "frame_of_reference_uid", "resampled", "warnings", "original_dtype")
+
+
 def segment(input_path, out_path, options: SegmentOptions, progress=None, report_path=None,
             rtstruct_path=None, dicom_seg_path=None, warn=True) -> dict:
     """Read ``input_path``, run the cascade, write ``out_path`` (``.seg.nrrd``) and optional outputs.
@@ -355,6 +385,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     t0 = time.perf_counter()
     input_path = Path(input_path)
     out_path = Path(out_path)
+    if not input_path.exists():
+        raise InputError(f"Input not found: {input_path}. Check the path.")
     outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
     check_outputs(outputs, options.force)
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
@@ -397,7 +429,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
                                  "installation.") from None
             tmp = _tmp_sibling(Path(rtstruct_path))
             rtstruct.write_rtstruct(tmp, result.all_masks(), geometry, input_path,
-                                    series_uid=options.series_uid, include_roi=True, force=True)
+                                    series_uid=options.series_uid, include_roi=True, force=True,
+                                    side=result.side)
             temps.append((tmp, Path(rtstruct_path)))
         if dicom_seg_path:
             try:
@@ -407,10 +440,12 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
                                  "installation.") from None
             tmp = _tmp_sibling(Path(dicom_seg_path))
             dicomseg.write_dicom_seg(tmp, result.all_masks(), geometry, input_path,
-                                     series_uid=options.series_uid, force=True)
+                                     series_uid=options.series_uid, force=True, side=result.side)
             temps.append((tmp, Path(dicom_seg_path)))
         report = result.report
-        report["input"] = {"path": str(input_path), **{k: v for k, v in meta.items() if k != "source"}}
+        # Only what is needed to link the outputs to their input: no patient identifiers, no per-slice UIDs.
+        report["input"] = {"path": str(input_path),
+                           **{k: v for k, v in meta.items() if k in _REPORT_INPUT_KEYS}}
         report["outputs"] = {"seg": str(out_path), "report": str(report_path) if report_path else None,
                              "rtstruct": str(rtstruct_path) if rtstruct_path else None,
                              "dicom_seg": str(dicom_seg_path) if dicom_seg_path else None}

@@ -55,7 +55,8 @@ GANTRY_TILT_TOLERANCE_DEG = 0.01
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "Modality", "SeriesInstanceUID", "SeriesDescription",
                 "SeriesNumber", "StudyInstanceUID", "FrameOfReferenceUID", "PatientID", "ImagePositionPatient",
                 "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "RescaleSlope", "RescaleIntercept",
-                "GantryDetectorTilt", "NumberOfFrames", "InstanceNumber", "SliceThickness", "ImageType"]
+                "GantryDetectorTilt", "NumberOfFrames", "InstanceNumber", "SliceThickness", "ImageType",
+                "SpecificCharacterSet"]
 
 
 @dataclass
@@ -146,7 +147,7 @@ def read_header(path: Path) -> SliceHeader | None:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=False)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     except Exception:  # not DICOM / truncated
         return None
     sop_class = str(ds.get("SOPClassUID", "") or "")

@@ -236,16 +236,25 @@ def body_midline(array: np.ndarray, geometry: Geometry, body: np.ndarray | None 
         elif cut_high_x and not cut_low_x:
             cut_hi += 1
             edges.append(("hi", hi_x))
+    # the body's bounding box (LPS, voxel edges) — lets callers skip the air around the patient
+    from .roi import bounding_box
+
+    blo, bhi = bounding_box(body_sub)
+    full_shape = np.asarray(geometry.shape)
+    lo_full = np.array([blo[0], blo[1] * step, blo[2] * step])
+    hi_full = np.minimum(np.array([bhi[0], bhi[1] * step, bhi[2] * step]), full_shape)
+    box = [v.tolist() for v in lps_bounds(geometry, lo_full, hi_full)]
     if centres:
-        return float(np.median(centres)), {"method": "body", "slices": len(centres)}
+        return float(np.median(centres)), {"method": "body", "slices": len(centres), "body_box_lps": box}
     if cut_lo or cut_hi:
         which = "lo" if cut_lo >= cut_hi else "hi"
         xs = [x for w, x in edges if w == which]
         x = float(min(xs) - 1e-3) if which == "lo" else float(max(xs) + 1e-3)
-        return x, {"method": "fov-edge", "cut": "right" if which == "lo" else "left", "slices": len(xs)}
+        return x, {"method": "fov-edge", "cut": "right" if which == "lo" else "left", "slices": len(xs),
+                   "body_box_lps": box}
     # body wider than the field of view on both sides: fall back to the image centre
     lo, hi = lps_bounds(geometry)
-    return float(0.5 * (lo[0] + hi[0])), {"method": "image-centre"}
+    return float(0.5 * (lo[0] + hi[0])), {"method": "image-centre", "body_box_lps": box}
 
 
 def side_halfspace_box(geometry: Geometry, side: str, midline_x: float) -> tuple[tuple, tuple]:

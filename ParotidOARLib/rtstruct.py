@@ -223,6 +223,18 @@ def _raw_ds(tag, values):
     return RawDataElement(Tag(tag), "DS", len(text), text, 0, False, True)
 
 
+def _mark_preencoded(ds) -> None:
+    """Tell pydicom the contour items are already encoded (explicit VR little endian, the file's own charset),
+    so that writing keeps the pre-encoded ContourData bytes instead of decoding and re-encoding them."""
+    try:
+        for roi in ds.ROIContourSequence:
+            for item in roi.get("ContourSequence", []):
+                # the item's effective charset (ContourData is ASCII, so any charset is exact)
+                item.set_original_encoding(False, True, item._character_set)
+    except (AttributeError, TypeError, LookupError):  # other pydicom versions: plain (slower) write
+        pass
+
+
 def _slice_masks(mask: np.ndarray, geometry: Geometry, stack) -> np.ndarray:
     """``mask`` on ``geometry`` → bool array [n_slices, rows, cols] on the CT's original slices."""
     ct_geom = stack.geometry()
@@ -246,10 +258,6 @@ def _copy_attrs(dst, src, keywords):
     for kw in keywords:
         if kw in src:
             setattr(dst, kw, src[kw].value)
-
-
-def _code(value) -> str:
-    return str(value)
 
 
 def write_rtstruct(out_path, masks: dict, geometry: Geometry, dicom_dir, *, series_uid: str | None = None,
@@ -420,6 +428,7 @@ def write_rtstruct(out_path, masks: dict, geometry: Geometry, dicom_dir, *, seri
     # Approval: never approved by software
     ds.ApprovalStatus = "UNAPPROVED"
 
+    _mark_preencoded(ds)
     tmp = out_path.with_name(f".{out_path.name}.part-{os.getpid()}")
     try:
         dicomio.save_dataset(ds, tmp)

@@ -64,12 +64,7 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     seg["masterRepresentation"] = "Binary labelmap"
     for key, value in (extra_header or {}).items():
         seg[key] = str(value)
-    for name, mask in masks.items():
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != geometry.shape:
-            raise InputError(f"Mask {name!r} has shape {mask.shape}, expected {geometry.shape}.")
-        # slicerio works in (i, j, k) order
-        slicerio.add_segment(seg, mask.transpose(2, 1, 0), segment_dict(name, side))
+    seg["voxels"], seg["segments"] = _pack_layers(masks, geometry, side)
     tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
     try:
         slicerio.write_segmentation(str(tmp), seg, compression_level=1)
@@ -78,6 +73,54 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _pack_layers(masks: dict[str, np.ndarray], geometry: Geometry, side: str | None):
+    """Pack masks into as few uint8 layers as possible (Slicer's shared labelmaps).
+
+    Layers are built C-ordered as ``[k, j, i, layer]`` so that the ``(layer, i, j, k)``
+    view slicerio/pynrrd write in Fortran order is contiguous (no slow transposes).
+    """
+    layers: list[np.ndarray] = []
+    next_label: list[int] = []
+    segments = []
+    for name, mask in masks.items():
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != geometry.shape:
+            raise InputError(f"Mask {name!r} has shape {mask.shape}, expected {geometry.shape}.")
+        idx = np.nonzero(mask.any(axis=(1, 2)))[0]
+        if idx.size:
+            zs = slice(idx[0], idx[-1] + 1)
+            sub = mask[zs]
+            for layer_index, layer in enumerate(layers):
+                if next_label[layer_index] <= 255 and not np.any(layer[zs][sub]):
+                    break
+            else:
+                layers.append(np.zeros(geometry.shape, dtype=np.uint8))
+                next_label.append(1)
+                layer_index = len(layers) - 1
+            label = next_label[layer_index]
+            layers[layer_index][zs][sub] = label
+            next_label[layer_index] += 1
+            k, j, i = (np.nonzero(a)[0] for a in (mask.any(axis=(1, 2)), mask.any(axis=(0, 2)), mask.any(axis=(0, 1))))
+            extent = [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(k[0]), int(k[-1])]
+        else:  # an empty segment is kept (Slicer does too) with an empty extent
+            if not layers:
+                layers.append(np.zeros(geometry.shape, dtype=np.uint8))
+                next_label.append(1)
+            layer_index, label = 0, next_label[0]
+            next_label[0] += 1
+            extent = [0, -1, 0, -1, 0, -1]
+        seg = segment_dict(name, side)
+        seg.update(labelValue=int(label), layer=int(layer_index), extent=extent)
+        segments.append(seg)
+    if not layers:
+        layers.append(np.zeros(geometry.shape, dtype=np.uint8))
+    if len(layers) == 1:
+        voxels = layers[0].transpose(2, 1, 0)  # (i, j, k), Fortran-contiguous view
+    else:
+        voxels = np.stack(layers, axis=-1).transpose(3, 2, 1, 0)  # (layer, i, j, k)
+    return voxels, segments
 
 
 def read_seg(path) -> tuple[dict[str, np.ndarray], Geometry, list[dict]]:

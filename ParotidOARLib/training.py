@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGE1_SPACING = (4.0, 4.0, 3.0)  # x, y, z mm — OpenKBP is ~3.9-4.7 x 2-2.5 mm
 STAGE1_PATCH = (32, 48, 40)  # z, y, x (96 x 192 x 160 mm)
 STAGE2_SPACING = (1.0, 1.0, 2.0)
-STAGE2_PATCH = (32, 64, 64)
+STAGE2_PATCH = (32, 48, 48)
 ROI_JITTER_MM = 6.0  # random shift of the ROI box per side, mimics stage-1 errors
 
 
@@ -85,6 +85,7 @@ class TrainConfig:
     threads: int = 0
     seed: int = 0
     max_minutes: float = 0.0  # 0 = no wall-clock limit; else stop after the epoch that passes it
+    stop_after_epoch: int = 0  # stop (resumably) after this epoch, e.g. to train in chunks; 0 = run to the end
     progress: bool = True
 
 
@@ -409,6 +410,7 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
     div = net_cfg.divisor
     if any(p % d for p, d in zip(patch, div)):
         raise ParotidOARError(f"Patch {patch} must be a multiple of the network divisor {div}.")
+    torch.manual_seed(cfg.seed * 1000 + rank * 7919)  # same initial weights on every rank / rerun
     model = build(net_cfg).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
@@ -436,7 +438,6 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     rng = np.random.default_rng(cfg.seed * 1000 + rank * 7919)
-    torch.manual_seed(cfg.seed * 1000 + rank * 7919)
     if state.get("rng") and world == 1:  # resume the exact sampling stream
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(torch.as_tensor(state["torch_rng"], dtype=torch.uint8))
@@ -499,6 +500,9 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
                 f"loss {row['train_loss']:.4f} val_loss {vloss:.4f} val_dice {mdice:.3f} "
                 f"(ema {state['ema_dice']:.3f}) per-class {[round(float(d), 3) for d in vdice]} "
                 f"[{state['elapsed_s'] / 60:.1f} min]")
+        if cfg.stop_after_epoch and state["epoch"] >= cfg.stop_after_epoch:
+            log(f"stopping after epoch {state['epoch']} (resume with --resume)")
+            break
         if cfg.max_minutes and state["elapsed_s"] / 60 >= cfg.max_minutes:
             log(f"stopping after {cfg.max_minutes} min wall-clock budget (epoch {state['epoch']})")
             break

@@ -30,8 +30,8 @@ def tiny_config(num_classes: int) -> UNetConfig:
 
 
 def make_tiny_bundle(directory, *, seed: int = 0, stage1_bias: float | None = 0.0, name: str = "tiny-test",
-                     clinical_use: bool = False, stage1_spacing=(4.0, 4.0, 4.0), stage2_spacing=(2.0, 2.0, 2.0),
-                     stage1_patch=(32, 64, 32), stage2_patch=(32, 64, 64), force: bool = False,
+                     clinical_use: bool = False, stage1_spacing=(4.0, 4.0, 4.0), stage2_spacing=(3.0, 3.0, 3.0),
+                     stage1_patch=(32, 64, 32), stage2_patch=(48, 64, 64), force: bool = False,
                      half: bool = True) -> Path:
     """Write a random-weight bundle to ``directory`` and return its path.
 

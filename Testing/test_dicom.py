@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -236,3 +237,8 @@ def test_segment_on_dicom_folder_equals_segment_on_nrrd(case, ct_dir, tmp_path):
             assert name in back
             np.testing.assert_array_equal(back[name], mask, err_msg=name)
     assert report["outputs"]["rtstruct"]
+    # the JSON report links outputs to the series by UID but carries no patient identifier or per-slice list
+    text = json.dumps(report)
+    assert report["input"]["series_instance_uid"]
+    assert "PHANTOM-SECRET-ID" not in text and "patient_id" not in report["input"]
+    assert "sop_instance_uids" not in report["input"] and "slices" not in report["input"]

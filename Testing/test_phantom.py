@@ -360,3 +360,56 @@ def test_cli_unwritable_out(tmp_path):
     r = _run_cli("--out", str(blocker), "--size", "small")
     assert r.returncode != 0 and "not a folder" in r.stderr
     assert blocker.read_text() == "not a folder"
+
+
+# --- make demo ---------------------------------------------------------------------------------
+
+
+def _run_demo(out, models_root, *extra, timeout=300):
+    import os
+
+    env = dict(os.environ, PAROTIDOAR_MODELS=str(models_root))
+    return subprocess.run([sys.executable, "-m", "ParotidOARLib", "demo", "--out", str(out), "--size", "small",
+                           *extra], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_demo_without_a_model(tmp_path):
+    from ParotidOARLib import bundle
+
+    if (REPO / "Resources" / "Models" / bundle.DEFAULT_BUNDLE_NAME / bundle.MANIFEST).is_file():
+        pytest.skip("a default model bundle ships with the repository")
+    out = tmp_path / "demo-output"
+    r = _run_demo(out, tmp_path / "no-models")
+    assert r.returncode == 0, r.stderr
+    case_dir = out / "phantom-demo-left-small"
+    assert sorted(p.name for p in case_dir.iterdir()) == [
+        "case.json", "ct.nrrd", "reference-full.seg.nrrd", "reference.seg.nrrd"]
+    assert "No segmentation model is installed yet" in r.stdout
+    assert "not for clinical use" in r.stdout
+    assert f"Slicer {case_dir / 'ct.nrrd'} {case_dir / 'reference.seg.nrrd'}" in r.stdout
+    first = _file_bytes(case_dir)
+    (out / "keep-me.txt").write_text("user file")
+    r = _run_demo(out, tmp_path / "no-models")  # refreshes its own case folder only
+    assert r.returncode == 0, r.stderr
+    assert _file_bytes(case_dir) == first and (out / "keep-me.txt").read_text() == "user file"
+
+
+@pytest.mark.slow
+def test_demo_with_a_model_segments_and_scores(tmp_path, tiny_bundle):
+    import shutil
+
+    from ParotidOARLib import bundle
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bundle, models / bundle.DEFAULT_BUNDLE_NAME)
+    out = tmp_path / "demo-output"
+    r = _run_demo(out, models, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    case_dir = out / "phantom-demo-left-small"
+    assert (case_dir / "segmentation.seg.nrrd").is_file()
+    assert "DSC" in r.stdout and "Cascade finished in" in r.stdout
+    for name in L.STRUCTURES:
+        assert name in r.stdout
+    masks, geom, _ = segio.read_seg(case_dir / "segmentation.seg.nrrd")
+    _, ct_geom = imageio.read_image(case_dir / "ct.nrrd")
+    assert geom.same_grid(ct_geom)

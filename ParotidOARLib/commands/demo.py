@@ -20,6 +20,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo-output", help="demo folder (default demo-output)")
     parser.add_argument("--side", choices=("left", "right"), default="left", help="operated side of the phantom")
     parser.add_argument("--device", default="auto", help="device for the cascade (auto, cpu, cuda)")
+    parser.add_argument("--size", choices=("full", "small"), default="full",
+                        help="phantom size: full 512x512x100 (default) or small ~160x160x60 (quick check)")
 
 
 def _find_model():
@@ -40,8 +42,8 @@ def run(args) -> int:
     print(CLINICAL_NOTE)
     out = Path(args.out)
     t0 = time.perf_counter()
-    case = phantom.generate_case(DEMO_SEED, side=args.side, size="full")
-    case.case_id = f"phantom-demo-{args.side}"
+    case = phantom.generate_case(DEMO_SEED, side=args.side, size=args.size)
+    case.case_id = f"phantom-demo-{args.side}" + ("" if args.size == "full" else f"-{args.size}")
     case_dir = phantom.write_case(case, out / case.case_id, force=True)  # the demo's own folder
     ct_path, ref_path = case_dir / "ct.nrrd", case_dir / "reference.seg.nrrd"
     print(f"Synthetic phantom case ({case.side} side operated, {case.geometry.size[0]}x{case.geometry.size[1]}x"

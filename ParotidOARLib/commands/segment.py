@@ -30,6 +30,8 @@ def add_arguments(p):
     p.add_argument("--rtstruct", default=None, help="also write a DICOM RT Structure Set (DICOM input only)")
     p.add_argument("--dicom-seg", default=None, help="also write a DICOM SEG object (DICOM input only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
+    p.add_argument("--step", type=float, default=0.5,
+                   help="sliding-window step as a fraction of the patch (0.5 = nnU-Net's 50%% overlap; 1.0 = faster)")
 
 
 def _raise_interrupt(signum, frame):
@@ -45,7 +47,7 @@ def run(args) -> int:
     try:
         opts = SegmentOptions(side=args.side, model_dir=args.model, device=args.device,
                               roi_margin_mm=args.roi_margin_mm, tta=args.tta, force=args.force,
-                              series_uid=args.series_uid, threads=args.threads)
+                              series_uid=args.series_uid, threads=args.threads, step=args.step)
         report = segment(args.input, args.out, opts, progress=prog, report_path=args.report,
                          rtstruct_path=args.rtstruct, dicom_seg_path=args.dicom_seg)
     finally:
