@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -130,10 +129,38 @@ class _Timer:
         return _Ctx()
 
 
-def peak_memory(device=None) -> dict:
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MiB (POSIX getrusage; Windows peak working set)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import ctypes
+            from ctypes import wintypes
+
+            class _Counters(ctypes.Structure):
+                _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                            ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                            ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                            ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                            ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                            ("PagefileUsage", ctypes.c_size_t), ("PeakPagefileUsage", ctypes.c_size_t)]
+
+            counters = _Counters()
+            counters.cb = ctypes.sizeof(counters)
+            handle = ctypes.windll.kernel32.GetCurrentProcess()
+            if not ctypes.windll.psapi.GetProcessMemoryInfo(handle, ctypes.byref(counters), counters.cb):
+                return None
+            return counters.PeakWorkingSetSize / 2 ** 20
+        except Exception:  # noqa: BLE001 - memory reporting must never fail a segmentation
+            return None
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_mb = rss_kb / 1024.0 if sys.platform != "darwin" else rss_kb / (1024.0 * 1024.0)
-    out = {"rss_mb": round(rss_mb, 1)}
+    return rss_kb / 1024.0 if sys.platform != "darwin" else rss_kb / (1024.0 * 1024.0)
+
+
+def peak_memory(device=None) -> dict:
+    rss_mb = _peak_rss_mb()
+    out = {"rss_mb": round(rss_mb, 1) if rss_mb is not None else None}
     if device is not None and getattr(device, "type", "") == "cuda":
         import torch
 

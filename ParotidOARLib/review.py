@@ -204,17 +204,36 @@ class _Lock:
         self.path = path
         self.fd = None
 
-    def __enter__(self):
-        import fcntl
+    """Exclusive inter-process lock on a lock file (fcntl.flock on POSIX, msvcrt.locking on Windows)."""
 
+    def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+            import time
+
+            while True:  # LK_LOCK retries for ~10 s then raises; keep waiting like flock does
+                try:
+                    msvcrt.locking(self.fd, msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        else:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
 
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
+        else:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
 
 

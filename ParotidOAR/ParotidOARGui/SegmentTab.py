@@ -190,6 +190,13 @@ class SegmentTab:
             if not files:
                 raise ValueError(_("The input volume was not loaded from the DICOM database; "
                                    "RTSTRUCT export needs its DICOM CT series."))
+            if self._slicerRtExporter() is not None:
+                directory = qt.QFileDialog.getExistingDirectory(None, _("Export RT Structure Set to folder"))
+                if not directory:
+                    return
+                self._exportWithSlicerRt(segmentation, directory)
+                self.ui.statusLabel.text = _("SlicerRT exported the study to {path}").format(path=directory)
+                return
             path = qt.QFileDialog.getSaveFileName(None, _("Save RT Structure Set"),
                                                   f"{segmentation.GetName()}-RTSTRUCT.dcm", "DICOM (*.dcm)")
             if not path:
@@ -206,6 +213,27 @@ class SegmentTab:
             finally:
                 shutil.rmtree(series, ignore_errors=True)
             self.ui.statusLabel.text = _("Wrote {path}").format(path=path)
+
+    @staticmethod
+    def _slicerRtExporter():
+        """SlicerRT's DICOM-RT exporter plugin class, or None when SlicerRT is not installed."""
+        plugins = getattr(slicer.modules, "dicomPlugins", None) or {}
+        return plugins.get("DicomRtImportExportPlugin")
+
+    def _exportWithSlicerRt(self, segmentation, directory: str) -> None:
+        """Export through SlicerRT (preferred when installed): it writes the RTSTRUCT with the study's
+        references from the DICOM database. The engine's exporter is the fallback."""
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        plugin = self._slicerRtExporter()()
+        exportables = plugin.examineForExport(shNode.GetItemByDataNode(segmentation))
+        if not exportables:
+            raise ValueError(_("SlicerRT cannot export this segmentation: it must be in the same DICOM study "
+                               "as its CT (subject hierarchy)."))
+        for exportable in exportables:
+            exportable.directory = directory
+        error = plugin.export(exportables)
+        if error:
+            raise RuntimeError(_("SlicerRT export failed: {error}").format(error=error))
 
     def cleanup(self) -> None:
         """Module closed/reloaded: stop polling, kill a running process and let the logic clean up."""
