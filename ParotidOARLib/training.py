@@ -85,6 +85,7 @@ class TrainConfig:
     threads: int = 0
     seed: int = 0
     max_minutes: float = 0.0  # 0 = no wall-clock limit; else stop after the epoch that passes it
+    init_checkpoint: str = ""  # start from these weights (fine-tuning); ignored when resuming
     stop_after_epoch: int = 0  # stop (resumably) after this epoch, e.g. to train in chunks; 0 = run to the end
     progress: bool = True
 
@@ -227,7 +228,8 @@ def one_step_item(ct, geometry, oar_masks: dict, side: str, stage_spacing=STAGE2
     hi = np.minimum(hi_s, blps.max(0) + margin_mm)
     g = canonical_grid(geometry, stage_spacing, lo, hi)
     ct1 = np.round(resample_to(ct.astype(np.float32), geometry, g, "linear", -1000)).astype(np.int16)
-    m1 = {n: resample_mask(m, geometry, g) for n, m in oar_masks.items()}
+    m1 = {n: resample_mask(m, geometry, g) if m.shape == ct.shape else np.zeros(g.shape, bool)
+          for n, m in oar_masks.items()}
     return {"ct": ct1, "label": _oar_label(m1, ct1.shape), "meta": {"side": side, "geometry": g.to_dict()}}
 
 
@@ -431,8 +433,13 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
             scaler.load_state_dict(ck["scaler"])
         state = ck["state"]
         log(f"resumed from {last} at iteration {state['iteration']} (epoch {state['epoch']})")
-    elif resume:
-        log(f"--resume: no checkpoint in {run}; starting fresh")
+    else:
+        if resume:
+            log(f"--resume: no checkpoint in {run}; starting fresh")
+        if cfg.init_checkpoint:
+            ck0 = torch.load(cfg.init_checkpoint, map_location=device, weights_only=False)
+            model.load_state_dict(ck0["model"] if "model" in ck0 else ck0)
+            log(f"initialised from {cfg.init_checkpoint}")
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(

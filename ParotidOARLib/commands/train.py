@@ -59,6 +59,10 @@ def add_arguments(p):
     p.add_argument("--base-features", type=int, default=0, help="network width (default: 16)")
     p.add_argument("--patch1", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-1 patch (voxels)")
     p.add_argument("--patch2", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-2 patch (voxels)")
+    p.add_argument("--init-from", default="", help="fine-tune: start from this checkpoint file")
+    p.add_argument("--phantom-repeat", type=int, default=1,
+                   help="weight of the stage-1 phantom cases in the mix (each listed N times)")
+    p.add_argument("--fg-fraction", type=float, default=0.33, help="share of foreground-centred patches")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -165,7 +169,9 @@ def _cfg(args, stage, run_dir, spacing, patch, network=None):
                                 iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size,
                                 lr=args.lr, patch=tuple(patch), spacing=tuple(spacing), network=network or {},
                                 device=args.device, threads=args.threads, seed=args.seed,
-                                max_minutes=args.max_minutes, progress=not args.no_progress)
+                                max_minutes=args.max_minutes, progress=not args.no_progress,
+                                fg_fraction=getattr(args, "fg_fraction", 0.33),
+                                init_checkpoint=getattr(args, "init_from", ""))
 
 
 def run(args) -> int:
@@ -198,7 +204,7 @@ def run(args) -> int:
             raise ParotidOARError("Stage 1 needs --data (a dataset folder).")
         tr, va, desc = stage1_data(args, work)
         if args.stage1_phantom_cases:
-            tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args)
+            tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args) * max(1, args.phantom_repeat)
             desc["stage1_phantom_cases"] = args.stage1_phantom_cases
         norm = training.compute_normalisation(tr)
         cfg = _cfg(args, 1, work / "stage1", training.STAGE1_SPACING, training.STAGE1_PATCH)
@@ -257,11 +263,15 @@ def _read(p: Path) -> dict:
         return {}
 
 
-def write_bundle_from_work(work, out, force=False, which="best_dice", extra_record=None):
+def write_bundle_from_work(work, out, force=False, which="best_dice", extra_record=None, stage1_run=None,
+                           stage2_run=None):
+    """Assemble a bundle from ``work/stage1`` and ``work/stage2`` (or explicit run folders)."""
     from .. import training
 
     work = Path(work)
-    rec = {"stage1": _read(work / "stage1" / "record.json"), "stage2": _read(work / "stage2" / "record.json")}
+    s1 = Path(stage1_run) if stage1_run else work / "stage1"
+    s2 = Path(stage2_run) if stage2_run else work / "stage2"
+    rec = {"stage1": _read(s1 / "record.json"), "stage2": _read(s2 / "record.json")}
     for k in ("stage1", "stage2"):
         rec[k].pop("normalisation", None)
         rec[k].pop("network", None)
@@ -269,5 +279,5 @@ def write_bundle_from_work(work, out, force=False, which="best_dice", extra_reco
         rec.update(extra_record)
     rec["command_line"] = rec["stage1"].get("command_line", "") + " ; " + rec["stage2"].get("command_line", "")
     rec["hardware"] = f"{os.cpu_count()} CPU cores (shared), torch {__import__('torch').__version__}"
-    return training.write_bundle(out, work / "stage1", work / "stage2", data_description=data_description(work),
+    return training.write_bundle(out, s1, s2, data_description=data_description(work),
                                  training_record=rec, which=which, force=force)

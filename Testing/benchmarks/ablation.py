@@ -44,7 +44,7 @@ def one_step_predict(net, ck, case, device):
     from ParotidOARLib.training import normalise, one_step_item
 
     g = case["geometry"]
-    dummy = {n: np.zeros(case["ct"].shape, bool) for n in L.OARS[:1]}
+    dummy = {n: np.zeros((1, 1, 1), bool) for n in L.OARS}  # labels not needed here
     it = one_step_item(case["ct"], g, dummy, case["side"], tuple(ck["spacing"]))
     from ParotidOARLib.imageio import Geometry
 
