@@ -117,10 +117,12 @@ def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
 
 
 def _mirror_axes(tta: bool):
+    """Mirroring TTA: identity + left-right flip only. Stage grids are LPS-aligned, so tensor axis 4 (x) is
+    left-right; training mirrors only that axis (the anatomy is not symmetric superior-inferior or
+    anterior-posterior), so flipping the other axes would show the network orientations it never saw."""
     if not tta:
         return [()]
-    axes = (2, 3, 4)
-    return [c for r in range(4) for c in itertools.combinations(axes, r)]
+    return [(), (4,)]
 
 
 def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device, *, step: float = 0.5,
