@@ -30,14 +30,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import labels
 from .errors import InputError, ParotidOARError
-from .imageio import is_image_file
+from .imageio import atomic_file, is_image_file
 
 SUMMARY_NAME = "batch-summary.csv"
 TIMING_STEPS = ("read", "stage1", "stage2", "total")
@@ -183,13 +182,8 @@ def write_summary(path, rows: list[dict]) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

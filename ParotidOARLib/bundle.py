@@ -170,6 +170,17 @@ def sha256_file(path) -> str:
 
 
 # --------------------------------------------------------------------------- save
+def _swap_in(tmp: Path, directory: Path) -> None:
+    """Move the complete folder ``tmp`` onto ``directory``, replacing an existing one by renames only."""
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
 def save_bundle(directory, manifest: Manifest, state_dicts: dict, half: bool = True, force: bool = False) -> Path:
     """Write a bundle: ``stageN.pt`` (float16 if ``half``) + ``manifest.json`` with their SHA-256.
 
@@ -208,13 +219,7 @@ def save_bundle(directory, manifest: Manifest, state_dicts: dict, half: bool = T
             m.stages[s]["sha256"] = sha256_file(tmp / fname)
             m.stages[s]["dtype"] = "float16" if half else "float32"
         (tmp / MANIFEST).write_text(json.dumps(m.to_dict(), indent=2, sort_keys=False) + "\n")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _swap_in(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -371,13 +376,7 @@ def install(path, root=None, force: bool = False) -> Path:
         for f in files:
             shutil.copy2(src / f, tmp / f)
         verify(tmp)
-        if dest.exists():
-            old = root / f".{name}.old-{os.getpid()}"
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        _swap_in(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,14 +14,13 @@ explains how to install it (``pip install highdicom``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, labels
 from .errors import DicomError, InputError, OutputExistsError
-from .imageio import Geometry
+from .imageio import Geometry, atomic_file
 
 
 def _highdicom():
@@ -102,13 +101,8 @@ def write_dicom_seg(out_path, masks: dict, geometry: Geometry, dicom_dir, *, ser
             content_label="PAROTIDOAR", omit_empty_frames=True)
     except (ValueError, TypeError) as exc:
         raise DicomError(f"highdicom could not build the DICOM SEG: {exc}") from None
-    tmp = out_path.with_name(f".{out_path.name}.part-{os.getpid()}")
-    try:
+    with atomic_file(out_path) as tmp:
         dicomio.save_dataset(seg, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out_path
 
 

@@ -14,6 +14,7 @@ Physical coordinates are LPS millimetres, as in DICOM, ITK and Slicer.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,11 +165,22 @@ def read_image(path) -> tuple[np.ndarray, Geometry]:
     return from_sitk(image)
 
 
-def atomic_target(path) -> Path:
-    """Temporary sibling path for an atomic write of ``path`` (same folder, same suffixes)."""
+@contextmanager
+def atomic_file(path, suffix: str = ""):
+    """Yield a hidden temporary sibling of ``path``; on success rename it onto ``path``.
+
+    Whatever happens, no temporary file is left behind and ``path`` is either the old
+    file or the complete new one. ``suffix`` is appended for writers that pick the
+    format from the file name (e.g. ``".nrrd"``, ``".png"``).
+    """
     path = Path(path)
-    name = path.name
-    return path.with_name(f".{name}.part-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:
@@ -178,11 +190,6 @@ def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = Tr
     path = Path(path)
     img = to_sitk(array, geometry)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.stem}.part-{os.getpid()}{suffix}")
-    try:
+    with atomic_file(path, suffix) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=compress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

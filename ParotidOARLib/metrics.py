@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GeometryError, InputError, OutputExistsError
+from .imageio import atomic_file
 
 # ---------------------------------------------------------------------------------------------
 # Marching-cubes surfel table.
@@ -681,16 +682,11 @@ def atomic_write_text(path, text: str, force: bool = False) -> Path:
         raise OutputExistsError(f"{path} already exists. Choose another output or pass --force to replace it.")
     if not path.parent.exists():
         raise InputError(f"Output folder {path.parent} does not exist. Create it first.")
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

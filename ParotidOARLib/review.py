@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import ReviewError
+from .imageio import atomic_file
 
 #: Score definitions shown in the UI and reports.
 SCORE_DEFINITIONS = {
@@ -499,14 +500,11 @@ def plot_summary(summary: dict, path, force: bool = False, title: str | None = N
     ax.legend(ncol=4, fontsize=8, loc="lower right")
     ax.set_title(title or "Clinical review scores per structure (≥2 acceptable)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.part-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_file(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -609,13 +607,8 @@ def assign_blinded(case_id: str, sources: dict, assignment_file=None, seed=None)
         data["cases"][case_id] = sets
         if seed is not None:
             data.setdefault("seed", str(seed))
-        tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-        try:
+        with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return BlindedAssignment(case_id, sets)
 
 

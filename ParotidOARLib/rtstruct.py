@@ -33,14 +33,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__, labels
 from .errors import DicomError, GeometryError, InputError, OutputExistsError
-from .imageio import Geometry
+from .imageio import Geometry, atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -429,13 +428,8 @@ def write_rtstruct(out_path, masks: dict, geometry: Geometry, dicom_dir, *, seri
     ds.ApprovalStatus = "UNAPPROVED"
 
     _mark_preencoded(ds)
-    tmp = out_path.with_name(f".{out_path.name}.part-{os.getpid()}")
-    try:
+    with atomic_file(out_path) as tmp:
         dicomio.save_dataset(ds, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out_path
 
 

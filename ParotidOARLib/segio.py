@@ -8,14 +8,13 @@ exactly as Slicer stores them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import labels
 from .errors import InputError, OutputExistsError
-from .imageio import Geometry
+from .imageio import Geometry, atomic_file
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -65,13 +64,8 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     for key, value in (extra_header or {}).items():
         seg[key] = str(value)
     seg["voxels"], seg["segments"] = _pack_layers(masks, geometry, side)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         slicerio.write_segmentation(str(tmp), seg, compression_level=1)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
