@@ -5,7 +5,8 @@
 2. **Stage 1.** The side half is resampled onto an LPS-aligned grid at the
    stage-1 spacing, normalised with the bundle's values, and segmented by net 1
    (sliding window, Gaussian weighting). The largest parotid component is kept,
-   plus any other above ``min_component_cc``. An empty parotid stops the run
+   plus any other within ``max_component_gap_mm`` (10 mm) of it: far-away blobs are
+   dropped (chosen on OpenKBP validation, see :func:`keep_components`). An empty parotid stops the run
    (:class:`EmptyStructureError`): no OARs are ever produced from an empty ROI.
    The parotid probability is interpolated (linear, inside the parotid's box
    only) back onto the input grid and thresholded at 0.5.
@@ -39,7 +40,8 @@ from .imageio import Geometry
 
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
 STAGE2_CONTEXT_MM = 8.0
-MIN_COMPONENT_CC = 2.0
+MIN_COMPONENT_CC = 0.0
+MAX_COMPONENT_GAP_MM = 10.0  # chosen on OpenKBP validation (eval_openkbp.py --component-study)
 BODY_MARGIN_MM = 10.0
 MIN_SIDE_WIDTH_MM = 30.0  # the parotid lies ~40-70 mm lateral of the midline
 
@@ -91,6 +93,7 @@ class SegmentOptions:
     force: bool = False
     series_uid: str | None = None
     min_component_cc: float = MIN_COMPONENT_CC
+    max_component_gap_mm: float = MAX_COMPONENT_GAP_MM
     threads: int | None = None  # CPU threads; default = usable cores
     step: float = 0.5  # sliding-window step (fraction of the patch)
 
@@ -168,17 +171,30 @@ def peak_memory(device=None) -> dict:
     return out
 
 
-def _keep_components(mask: np.ndarray, voxel_cc: float, min_cc: float) -> np.ndarray:
-    """Largest connected component (26-connectivity) + any other of at least ``min_cc``."""
+def keep_components(mask: np.ndarray, spacing_zyx, min_cc: float = MIN_COMPONENT_CC,
+                    max_gap_mm: float = MAX_COMPONENT_GAP_MM) -> np.ndarray:
+    """Stage-1 post-processing: the largest connected component (26-connectivity), plus any
+    other of at least ``min_cc`` whose nearest voxel is at most ``max_gap_mm`` from the
+    largest (a residual gland can be split in pieces; a blob far from the parotid bed is a
+    false positive). ``max_gap_mm = inf`` keeps every component of at least ``min_cc``."""
     from scipy import ndimage
 
+    mask = np.asarray(mask, bool)
     lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
     if n <= 1:
-        return mask.astype(bool)
+        return mask
     counts = np.bincount(lab.ravel())
     counts[0] = 0
+    voxel_cc = float(np.prod(spacing_zyx)) / 1000.0
+    largest = int(np.argmax(counts))
     keep = counts * voxel_cc >= min_cc
-    keep[int(np.argmax(counts))] = True
+    if np.isfinite(max_gap_mm) and keep.sum() > 1:
+        lo, hi = roi_mod.bounding_box(mask)
+        sub = tuple(slice(a, b) for a, b in zip(lo, hi))
+        dist = ndimage.distance_transform_edt(lab[sub] != largest, sampling=spacing_zyx)
+        near = ndimage.minimum(dist, lab[sub], index=np.arange(n + 1))
+        keep &= np.asarray(near) <= max_gap_mm
+    keep[largest] = True
     keep[0] = False
     return keep[lab]
 
@@ -195,8 +211,11 @@ def load_model_bundle(model_dir=None):
 
 # --------------------------------------------------------------------------- the cascade
 def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress=None, bundle=None,
-        name: str = "input") -> CascadeResult:
-    """Segment one CT (int16 HU ``[k, j, i]`` on ``geometry``). See the module docstring."""
+        name: str = "input", parotid_only: bool = False) -> CascadeResult:
+    """Segment one CT (int16 HU ``[k, j, i]`` on ``geometry``). See the module docstring.
+
+    ``parotid_only`` stops after stage 1 (OARs and ROI left empty): used to study stage 1
+    alone on real CT, where no six-OAR reference exists."""
     import torch
 
     from .inference import configure_cpu_threads, optimise_for_cpu, select_device, sliding_window
@@ -274,7 +293,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                      "No organs at risk were produced.")
         if not par1.any():
             raise EmptyStructureError(empty_msg)
-        par1 = _keep_components(par1, g1.voxel_volume_cc, options.min_component_cc)
+        par1 = keep_components(par1, g1.spacing_zyx, options.min_component_cc, options.max_component_gap_mm)
         # parotid probability → input grid, only inside the parotid's padded box
         blo, bhi = roi_mod.bounding_box(par1, pad_vox=2)
         plo, phi = preprocess.lps_bounds(g1, blo, bhi)
@@ -291,6 +310,10 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         del fg1, par1
         if not parotid.any():
             raise EmptyStructureError(empty_msg)
+    if parotid_only:
+        masks = {n: parotid if n == labels.PAROTID else np.zeros(geometry.shape, bool) for n in labels.STRUCTURES}
+        return CascadeResult(masks, np.zeros(geometry.shape, bool), "", {},
+                             {"side": side, "timings": dict(timer.t)}, geometry, side)
 
     # ---- ROI
     with timer("roi"):

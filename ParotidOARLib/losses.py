@@ -73,7 +73,8 @@ class DeepSupervisionLoss(torch.nn.Module):
         weights = self.weights if len(self.weights) == len(outputs) else deep_supervision_weights(len(outputs))
         total = 0.0
         for w, out in zip(weights, outputs):
-            if w == 0:
+            if w == 0:  # nnU-Net's unused lowest head: zero gradient, so DDP sees every parameter used
+                total = total + 0.0 * out.float().sum()
                 continue
             t = downsample_labels(target, out.shape[-3:])
             total = total + w * (self.dice_weight * soft_dice_loss(out, t, channel_mask)

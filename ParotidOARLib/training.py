@@ -458,8 +458,10 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         losses = []
         for i in range(cfg.iterations_per_epoch):
             frac = state["iteration"] / max(total_it, 1)
-            if cfg.max_minutes:  # time-budgeted poly decay: whichever runs out first
-                frac = max(frac, (state["elapsed_s"] + time.time() - t_epoch) / (60 * cfg.max_minutes))
+            if cfg.max_minutes:  # time-budgeted poly decay: whichever runs out first. The time
+                # part moves once per epoch, from the elapsed time all ranks agree on, so every
+                # DDP rank takes the same optimizer step
+                frac = max(frac, state["elapsed_s"] / (60 * cfg.max_minutes))
             lr = cfg.lr * max(0.0, 1 - min(frac, 1.0)) ** 0.9
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
@@ -481,6 +483,11 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         bar.close()
         state["epoch"] += 1
         state["elapsed_s"] += time.time() - t_epoch
+        if world > 1:  # one clock for all ranks: the same lr and the same stop decision everywhere
+            t = torch.tensor([state["elapsed_s"]], dtype=torch.float64,
+                             device=device if device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            state["elapsed_s"] = float(t.item())
         if rank == 0:
             vloss, vdice = evaluate_patches(model, val_batches, loss_fn, device, n_classes)
             mdice = float(np.nanmean(vdice)) if not all(math.isnan(d) for d in vdice) else 0.0

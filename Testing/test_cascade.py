@@ -359,3 +359,46 @@ def test_dicom_input_with_rtstruct_and_dicom_seg(tiny_bundle, tmp_path, capsys):
     assert ref_series == uids["series_uid"]
     seg = pydicom.dcmread(out / "seg.dcm")
     assert seg.Modality == "SEG"
+
+
+def test_keep_components_size_and_distance_rules():
+    """Stage-1 post-processing: the largest blob always stays; others by size and by distance."""
+    sp = (3.0, 2.0, 2.0)  # z, y, x mm
+    m = np.zeros((40, 60, 60), bool)
+    m[10:20, 10:30, 10:30] = True  # largest (48 cc)
+    m[10:12, 10:15, 33:38] = True  # near: 8 mm (voxel centres) from the largest, 0.6 cc
+    m[30:36, 45:58, 45:58] = True  # far (> 30 mm), 12 cc
+    m[2:3, 55:57, 2:4] = True  # far and tiny
+    largest = np.zeros_like(m)
+    largest[10:20, 10:30, 10:30] = True
+    near = np.zeros_like(m)
+    near[10:12, 10:15, 33:38] = True
+    far = np.zeros_like(m)
+    far[30:36, 45:58, 45:58] = True
+
+    def keep(min_cc, gap):
+        return cascade.keep_components(m, sp, min_cc, gap)
+
+    assert np.array_equal(keep(0.0, float("inf")), m)
+    assert np.array_equal(keep(float("inf"), float("inf")), largest)
+    assert np.array_equal(keep(2.0, float("inf")), largest | far)  # the v1 rule kept the far blob
+    assert np.array_equal(keep(0.0, 10.0), largest | near)
+    assert np.array_equal(keep(0.0, 5.0), largest)  # 8 mm gap > 5 mm
+    assert np.array_equal(keep(1.0, 10.0), largest)  # near blob is only 0.6 cc
+    # the shipped default drops far-away blobs whatever their size
+    assert not (cascade.keep_components(m, sp) & far).any()
+    one = np.zeros_like(m)
+    one[5:8, 5:8, 5:8] = True
+    assert np.array_equal(cascade.keep_components(one, sp), one)
+
+
+def test_parotid_only_stops_after_stage_1(tiny_bundle):
+    ct, g = synthetic_ct(size=(64, 60, 24), spacing=(3.0, 3.0, 4.0))
+    bundle_all = make_tiny_bundle_cached(tiny_bundle.parent, "everywhere", stage1_bias=50.0)
+    opts = cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu", roi_margin_mm=10.0)
+    full = cascade.run(ct, g, opts)
+    only = cascade.run(ct, g, opts, parotid_only=True)
+    assert only.masks[labels.PAROTID].any()
+    assert np.array_equal(only.masks[labels.PAROTID], full.masks[labels.PAROTID])
+    assert not only.roi.any() and all(not only.masks[n].any() for n in labels.OARS)
+    assert "stage2" not in only.report["timings"] and "stage1" in only.report["timings"]

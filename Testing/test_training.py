@@ -5,6 +5,7 @@ Everything is real: torch training on 2 small phantom cases with a tiny network 
 
 from __future__ import annotations
 
+import os
 import json
 import subprocess
 import sys
@@ -196,3 +197,24 @@ def test_cli_train_on_seg_dataset(tmp_path):
     (data / "case1" / "reference.seg.nrrd").unlink()
     r = subprocess.run(cmd[:-1] + [str(tmp_path / "bundle2")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "case1" in r.stderr and "problem" in r.stderr
+
+
+def test_torchrun_ddp_two_ranks_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node=2` (DistributedDataParallel, gloo on CPU): rank 0 builds the caches,
+    both ranks train, they stop together on the wall-clock budget, rank 0 alone writes the record."""
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ParotidOARLib", "train", "--stage", "2", "--work-dir", str(work), "--epochs", "3",
+           "--iterations-per-epoch", "2", "--max-minutes", "0.001", "--phantom-cases", "2",
+           "--phantom-val-cases", "1", "--phantom-size", "small", "--base-features", "4",
+           "--patch2", "16", "32", "32", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    rec = json.loads((work / "stage2" / "record.json").read_text())
+    assert rec["world_size"] == 2
+    # the budget runs out in the first epoch: both ranks stop after it (no rank left waiting)
+    assert rec["epochs_done"] == 1 and rec["iterations"] == 2
+    assert (work / "stage2" / "checkpoint_last.pt").exists()
+    rows = json.loads((work / "stage2" / "log.json").read_text())
+    assert len(rows) == 1  # only rank 0 validates and logs

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DatasetError, ParotidOARError
@@ -174,38 +175,78 @@ def _cfg(args, stage, run_dir, spacing, patch, network=None):
                                 init_checkpoint=getattr(args, "init_from", ""))
 
 
-def run(args) -> int:
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, else gloo)."""
     import torch
 
     from .. import training
 
+    world, rank, local_rank = training._dist_info()
+    if world > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world, rank
+
+
+@contextmanager
+def _rank0_first(world: int, rank: int):
+    """Rank 0 builds the caches / split files; the other ranks wait, then read them."""
+    import torch
+
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    yield
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+
+
+def run(args) -> int:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    world, rank = _init_distributed()
+    try:
+        return _run(args, world, rank)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, world: int, rank: int) -> int:
+    from .. import training
+
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    print("Research use only - not for clinical use.", file=sys.stderr)
+    if rank == 0:
+        print("Research use only - not for clinical use.", file=sys.stderr)
     cmdline = "python -m ParotidOARLib train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:])
     data_desc = {"description": "", "sources": []}
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
     if args.one_step:
         if args.phantom_cases < 1:
             raise ParotidOARError("--one-step trains on phantoms: give --phantom-cases N.")
-        tr = phantom_items(args.phantom_cases, 100000, 2, args, one_step=True)
-        va = phantom_items(args.phantom_val_cases, 200000, 2, args, one_step=True)
+        with _rank0_first(world, rank):
+            tr = phantom_items(args.phantom_cases, 100000, 2, args, one_step=True)
+            va = phantom_items(args.phantom_val_cases, 200000, 2, args, one_step=True)
         norm = training.compute_normalisation(tr)
         cfg = _cfg(args, 2, work / "onestep", training.STAGE2_SPACING, training.STAGE2_PATCH)
         rec = training.train(cfg, training.prepare(tr, norm, 2, cfg.patch, 0.0),
                              training.prepare(va, norm, 2, cfg.patch, 0.0), norm, resume=args.resume, log=_log)
         rec["command_line"] = cmdline
-        (work / "onestep" / "record.json").write_text(json.dumps(rec, indent=2))
+        if rank == 0:
+            (work / "onestep" / "record.json").write_text(json.dumps(rec, indent=2))
         return 0
     if 1 in stages:
         if not args.data:
             raise ParotidOARError("Stage 1 needs --data (a dataset folder).")
-        tr, va, desc = stage1_data(args, work)
-        if args.stage1_phantom_cases:
-            tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args) * max(1, args.phantom_repeat)
-            desc["stage1_phantom_cases"] = args.stage1_phantom_cases
+        with _rank0_first(world, rank):
+            tr, va, desc = stage1_data(args, work)
+            if args.stage1_phantom_cases:
+                tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args) * max(1, args.phantom_repeat)
+                desc["stage1_phantom_cases"] = args.stage1_phantom_cases
         norm = training.compute_normalisation(tr)
         cfg = _cfg(args, 1, work / "stage1", training.STAGE1_SPACING, training.STAGE1_PATCH)
         _log(f"stage 1: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
@@ -214,11 +255,13 @@ def run(args) -> int:
         rec.update(desc)
         rec["command_line"] = cmdline
         rec["data"] = str(args.data)
-        (work / "stage1" / "record.json").write_text(json.dumps(rec, indent=2))
+        if rank == 0:
+            (work / "stage1" / "record.json").write_text(json.dumps(rec, indent=2))
     if 2 in stages:
         if args.phantom_cases:
-            tr = phantom_items(args.phantom_cases, 100000, 2, args)
-            va = phantom_items(args.phantom_val_cases, 200000, 2, args)
+            with _rank0_first(world, rank):
+                tr = phantom_items(args.phantom_cases, 100000, 2, args)
+                va = phantom_items(args.phantom_val_cases, 200000, 2, args)
         else:
             raise ParotidOARError("Stage 2 trains on phantoms here: give --phantom-cases N "
                                   "(a folder of your own six-OAR cases is not supported for stage 2 yet).")
@@ -229,8 +272,9 @@ def run(args) -> int:
                              norm, resume=args.resume, log=_log)
         rec.update({"phantom_cases_train": args.phantom_cases, "phantom_seeds_train": [100000, 100000 + args.phantom_cases - 1],
                     "phantom_cases_validation": args.phantom_val_cases, "command_line": cmdline})
-        (work / "stage2" / "record.json").write_text(json.dumps(rec, indent=2))
-    if args.out:
+        if rank == 0:
+            (work / "stage2" / "record.json").write_text(json.dumps(rec, indent=2))
+    if args.out and rank == 0:
         out = write_bundle_from_work(work, args.out, force=args.force, which=args.checkpoint)
         _log(f"bundle written: {out}")
     return 0

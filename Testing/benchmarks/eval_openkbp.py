@@ -36,6 +36,9 @@ def main(argv=None):
     ap.add_argument("--split", default="validation")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--component-study", action="store_true",
+                    help="run stage 1 keeping every component and compare post-processing rules "
+                         "(writes eval_openkbp_components.json)")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_openkbp.json"))
     args = ap.parse_args(argv)
     from ParotidOARLib import cascade, dataset, labels as L, metrics
@@ -49,6 +52,8 @@ def main(argv=None):
     if args.limit:
         samples = samples[:args.limit]
     bundle = cascade.load_model_bundle(args.model)
+    if args.component_study:
+        return component_study(args, samples, bundle)
     rows = []
     for s in samples:
         ct, g, masks, side = dataset.load_sample(s)
@@ -91,6 +96,50 @@ def main(argv=None):
     print(f"parotid DSC {summary['dsc']['mean']:.3f} ± {summary['dsc']['sd']:.3f}, HD95 {summary['hd95_mm']['mean']:.1f} mm, "
           f"surface DSC {summary['surface_dsc']['mean']:.3f} (n={len(rows)}); mandible recall "
           f"{summary['mandible_recall']['mean']:.3f}, precision {summary['mandible_precision']['mean']:.3f}")
+    print(f"wrote {p}")
+    return 0
+
+
+# (min_cc, max_gap_mm) rules compared by --component-study; the shipped default is one of them
+RULES = {"all components": (0.0, float("inf")), "largest only": (float("inf"), float("inf")),
+         "largest + >=2 cc (v1 default)": (2.0, float("inf")),
+         "largest + any within 5 mm": (0.0, 5.0), "largest + any within 10 mm": (0.0, 10.0),
+         "largest + any within 20 mm": (0.0, 20.0), "largest + >=0.5 cc within 10 mm": (0.5, 10.0)}
+
+
+def component_study(args, samples, bundle):
+    """Stage-1 post-processing chosen on OpenKBP validation: every rule applied to the same
+    all-components parotid (on the CT grid), scored against the hospital contour."""
+    from ParotidOARLib import cascade, dataset, labels as L, metrics
+    from ParotidOARLib.errors import EmptyStructureError
+
+    rows = []
+    for s in samples:
+        ct, g, masks, side = dataset.load_sample(s)
+        opts = cascade.SegmentOptions(side=side, model_dir=args.model, threads=args.threads or None,
+                                      min_component_cc=0.0, max_component_gap_mm=float("inf"))
+        row = {"patient": s.patient, "side": side}
+        try:
+            res = cascade.run(ct, g, opts, bundle=bundle, parotid_only=True)
+        except EmptyStructureError:
+            rows.append({**row, **{r: {"dsc": 0.0} for r in RULES}})
+            continue
+        for rule, (min_cc, gap) in RULES.items():
+            m = cascade.keep_components(res.masks[L.PAROTID], g.spacing_zyx, min_cc, gap)
+            c = metrics.compare(m, masks["Parotid"], g.spacing_zyx, tolerance_mm=2.85)
+            row[rule] = {k: c.get(k) for k in ("dsc", "hd95_mm", "surface_dsc", "precision", "recall")}
+        rows.append(row)
+        print(s.patient, side, " ".join(f"{row[r]['dsc']:.3f}" for r in RULES), flush=True)
+    summary = {r: {k: metrics.describe([row[r].get(k) for row in rows]) for k in
+                   ("dsc", "hd95_mm", "surface_dsc", "precision", "recall")} for r in RULES}
+    out = {"model": bundle.manifest.model_id, "data": f"OpenKBP {args.split} (minus {', '.join(EXCLUDE)})",
+           "n_samples": len(rows), "rules": {r: list(v) for r, v in RULES.items()}, "summary": summary,
+           "rows": rows}
+    p = Path(args.out).with_name("eval_openkbp_components.json")
+    p.write_text(json.dumps(out, indent=1, default=float))
+    for r in RULES:
+        d, h = summary[r]["dsc"], summary[r]["hd95_mm"]
+        print(f"{r:34s} DSC {d['mean']:.3f} ± {d['sd']:.3f}  HD95 median {h['median']:.1f} mm")
     print(f"wrote {p}")
     return 0
 
