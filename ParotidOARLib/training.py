@@ -158,6 +158,27 @@ def stage1_item(sample, spacing=STAGE1_SPACING) -> dict:
     return out
 
 
+def stage2_item(sample, spacing=STAGE2_SPACING, margin_mm: float = L.ROI_MARGIN_MM_DEFAULT) -> dict:
+    """Load one dataset sample → stage-2 item: the reference parotid + 17 mm ROI box (+ context for
+    the sampling-time jitter) on the stage-2 grid, labels = the OARs the case has. OARs the case
+    lacks are marked unlabelled in ``channel_mask`` (their Dice/CE terms are masked out)."""
+    from . import dataset
+    from .stageprep import expand_roi, stage2_arrays
+
+    ct, g, masks, side = dataset.load_sample(sample)
+    roi = expand_roi(masks["Parotid"], g, margin_mm)
+    oar = {n: masks[n] for n in L.OARS if n in masks}
+    ct2, m2, roi2, g2 = stage2_arrays(ct, g, oar, spacing, roi, context_mm=ROI_JITTER_MM + 10.0)
+    label = np.zeros(ct2.shape, np.uint8)
+    for v, n in enumerate(L.OARS, start=1):  # overlapping labels: the later OAR wins
+        if n in m2:
+            label[m2[n]] = v
+    channel_mask = np.array([1] + [int(n in m2) for n in L.OARS], np.uint8)
+    meta = {"patient": sample.patient, "side": side, "geometry": g2.to_dict(), "source": str(sample.ct_path.parent),
+            "oars": [n for n in L.OARS if n in m2]}
+    return {"ct": ct2, "label": label, "roi": roi2, "channel_mask": channel_mask, "meta": meta}
+
+
 def cached_items(samples, build_fn, cache_dir: Path, tag: str, log=print) -> list[dict]:
     """Build (or load) one cached item per sample: ``cache_dir/<patient>_<side>.npz``."""
     cache_dir = Path(cache_dir)

@@ -5,8 +5,8 @@ Everything is real: torch training on 2 small phantom cases with a tiny network 
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +16,7 @@ import torch
 
 from ParotidOARLib import labels as L
 from ParotidOARLib.augment import AugmentParams, sample_patch
+from ParotidOARLib.imageio import write_image
 from ParotidOARLib.losses import DeepSupervisionLoss, deep_supervision_weights, downsample_labels, soft_dice_loss
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -172,25 +173,43 @@ def test_smoke_training_resume_and_bundle(tmp_path, small_items):
 
 
 def test_cli_train_on_seg_dataset(tmp_path):
-    """`python -m ParotidOARLib train` end to end on a 2-case .seg.nrrd dataset (the phantom's own files)."""
-    from ParotidOARLib import phantom
+    """`python -m ParotidOARLib train` end to end on the user's own .seg.nrrd cases (the phantom's files):
+    both stages from the dataset alone, one case with only some OARs (partial labels, masked loss)."""
+    from ParotidOARLib import dataset, phantom, segio, training
 
     data = tmp_path / "data"
     data.mkdir()
     for i, side in enumerate(("left", "right")):
         phantom.write_case(phantom.generate_case(100010 + i, side=side, size="small"), data / f"case{i}")
+    part = phantom.generate_case(100012, side="left", size="small")
+    (data / "case2").mkdir()
+    write_image(data / "case2" / "ct.nrrd", part.ct, part.geometry)
+    keep = ("Parotid", "Skin", "Mandibular ramus")
+    segio.write_seg(data / "case2" / "labels.seg.nrrd", {n: part.labels_full[n] for n in keep}, part.geometry,
+                    side="left")
+    (data / "case2" / "case.json").write_text(json.dumps({"side": "left"}))
+    samples, problems = dataset.discover(data, "seg")
+    assert not problems and len(samples) == 3
+    it = training.stage2_item(next(s for s in samples if s.patient == "case2"))
+    assert it["channel_mask"].tolist() == [1, 0, 0, 1, 0, 0, 1]  # background, Skin and Ramus labelled
+    assert set(np.unique(it["label"])) <= {0, 3, 6} and (it["label"] == 6).any() and it["roi"].any()
+
     cmd = [sys.executable, "-m", "ParotidOARLib", "train", "--data", str(data), "--stage", "both",
            "--work-dir", str(tmp_path / "work"), "--epochs", "1", "--iterations-per-epoch", "2",
-           "--phantom-cases", "1", "--phantom-val-cases", "1", "--phantom-size", "small", "--base-features", "4",
-           "--patch1", "16", "32", "24", "--patch2", "16", "32", "32", "--threads", "2", "--no-progress",
-           "--out", str(tmp_path / "bundle")]
+           "--base-features", "4", "--patch1", "16", "32", "24", "--patch2", "16", "32", "32", "--threads", "2",
+           "--no-progress", "--out", str(tmp_path / "bundle")]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "not for clinical use" in r.stderr.lower()
     split = json.loads((tmp_path / "work" / "splits.json").read_text())
-    assert sorted(split["train"] + split["validation"] + split["test"]) == ["case0", "case1"]
+    assert sorted(split["train"] + split["validation"] + split["test"]) == ["case0", "case1", "case2"]
+    rec2 = json.loads((tmp_path / "work" / "stage2" / "record.json").read_text())
+    assert rec2["stage2_samples_train"] == len(split["train"]) and rec2["phantom_cases_train"] == 0
     man = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert man["clinical_use"] is False and "OpenKBP" in json.dumps(man["data"]) or man["data"]
+    assert man["clinical_use"] is False
+    desc, sources = man["data"]["description"], " ".join(man["data"]["sources"])
+    assert "dataset 'data'" in desc and "Stage 2 (six OARs)" in desc
+    assert "OpenKBP" not in desc + sources and "phantom" not in desc  # the provenance is what was used
     assert man["training"]["command_line"].startswith("python -m ParotidOARLib train")
     # a broken dataset fails before training, listing the problem
     (data / "case1" / "reference-full.seg.nrrd").unlink()

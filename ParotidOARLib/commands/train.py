@@ -71,11 +71,14 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _generic_split(data, fmt, label_map, exclude, work):
+def _generic_split(data, fmt, label_map, exclude, work, check=None):
+    """Discover, validate (every problem at once, plus ``check(samples)``'s), split by patient."""
     from .. import dataset
 
     samples, problems = dataset.discover(data, fmt, label_map, exclude)
     samples = [s for s in samples if s.patient not in exclude]
+    if check is not None:
+        problems = problems + check(samples)
     dataset.validate(samples, problems)
     split = dataset.load_or_make_split(work / "splits.json", [s.patient for s in samples])
     tr = [s for s in samples if s.patient in split["train"]]
@@ -113,6 +116,32 @@ def stage1_data(args, work: Path):
 
 
 PHANTOM_SPACINGS = [(0.98, 0.98, 2.0), (0.98, 0.98, 2.0), (0.6, 0.6, 1.25), (1.0, 1.0, 3.0), (0.8, 0.8, 1.5)]
+
+
+def stage2_data(args, work: Path):
+    """Stage 2 from the user's own cases: each needs the Parotid (its reference ROI) and at least one
+    of the six OARs; OARs a case lacks are masked out of its loss (partial labels)."""
+    from .. import labels as L, training
+
+    if args.format == "openkbp":
+        raise ParotidOARError("OpenKBP has no labels for the six OARs, so stage 2 cannot train on it. "
+                              "Use --phantom-cases N, or a --data folder (seg / labelmap) with OAR labels.")
+
+    def check(samples):
+        return [f"{s.patient} ({s.side}): none of the six OARs ({', '.join(L.OARS)}) after the label map; "
+                "stage 2 cannot learn from it. Map their names with --label-map or exclude the patient."
+                for s in samples if not any(n in s.label_sources for n in L.OARS)]
+
+    tr_s, va_s, split = _generic_split(Path(args.data), args.format, args.label_map, args.exclude, work, check)
+    tag = f"s2-{training.STAGE2_SPACING}"
+    _log(f"stage-2 cache: {len(tr_s)} train + {len(va_s)} validation samples")
+    cache = work / "cache" / "stage2"
+    tr = training.cached_items(tr_s, lambda s: training.stage2_item(s), cache, tag, _log)
+    va = training.cached_items(va_s, lambda s: training.stage2_item(s), cache, tag, _log)
+    desc = {"stage2_samples_train": len(tr), "stage2_samples_validation": len(va),
+            "stage2_patients_train": len(split["train"]), "stage2_patients_validation": len(split["validation"]),
+            "stage2_data": str(args.data), "stage2_format": args.format, "split": split}
+    return tr, va, desc
 
 
 def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
@@ -255,23 +284,31 @@ def _run(args, world: int, rank: int) -> int:
         rec.update(desc)
         rec["command_line"] = cmdline
         rec["data"] = str(args.data)
+        rec["format"] = args.format
         if rank == 0:
             (work / "stage1" / "record.json").write_text(json.dumps(rec, indent=2))
     if 2 in stages:
-        if args.phantom_cases:
-            with _rank0_first(world, rank):
-                tr = phantom_items(args.phantom_cases, 100000, 2, args)
-                va = phantom_items(args.phantom_val_cases, 200000, 2, args)
-        else:
-            raise ParotidOARError("Stage 2 trains on phantoms here: give --phantom-cases N "
-                                  "(a folder of your own six-OAR cases is not supported for stage 2 yet).")
+        own = bool(args.data) and args.format != "openkbp"
+        if not own and not args.phantom_cases:
+            raise ParotidOARError("Stage 2 needs cases with OAR labels: a --data folder (seg / labelmap) "
+                                  "holding the six OARs, and/or --phantom-cases N synthetic phantoms.")
+        tr, va, desc2 = [], [], {}
+        with _rank0_first(world, rank):
+            if own:
+                tr, va, desc2 = stage2_data(args, work)
+            if args.phantom_cases:
+                tr = tr + phantom_items(args.phantom_cases, 100000, 2, args)
+                va = va + phantom_items(args.phantom_val_cases, 200000, 2, args)
         norm = training.compute_normalisation(tr)
         cfg = _cfg(args, 2, work / "stage2", training.STAGE2_SPACING, training.STAGE2_PATCH)
         _log(f"stage 2: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
         rec = training.train(cfg, training.prepare(tr, norm, 2, cfg.patch), training.prepare(va, norm, 2, cfg.patch),
                              norm, resume=args.resume, log=_log)
-        rec.update({"phantom_cases_train": args.phantom_cases, "phantom_seeds_train": [100000, 100000 + args.phantom_cases - 1],
-                    "phantom_cases_validation": args.phantom_val_cases, "command_line": cmdline})
+        rec.update(desc2)
+        rec.update({"phantom_cases_train": args.phantom_cases, "command_line": cmdline})
+        if args.phantom_cases:
+            rec.update({"phantom_seeds_train": [100000, 100000 + args.phantom_cases - 1],
+                        "phantom_cases_validation": args.phantom_val_cases})
         if rank == 0:
             (work / "stage2" / "record.json").write_text(json.dumps(rec, indent=2))
     if args.out and rank == 0:
@@ -280,24 +317,51 @@ def _run(args, world: int, rank: int) -> int:
     return 0
 
 
-def data_description(work: Path) -> dict:
-    r1 = _read(work / "stage1" / "record.json")
-    r2 = _read(work / "stage2" / "record.json")
-    return {
-        "description": "Stage 1 (parotid): real head-and-neck planning CT from OpenKBP "
-                       f"({r1.get('stage1_patients_train', '?')} training patients x 2 sides; model selected on "
-                       f"{r1.get('stage1_patients_validation', '?')} OpenKBP validation patients, pt_221 excluded "
-                       "because its parotid masks do not match the CT). Stage 2 (six OARs): the synthetic ParotidOAR "
-                       f"post-operative phantom ({r2.get('phantom_cases_train', '?')} cases, seeds "
-                       f"{r2.get('phantom_seeds_train', '?')}; evaluation uses seeds 0..19, never trained on). "
-                       "Research use only - not for clinical use.",
-        "sources": [
-            "OpenKBP: Babier A. et al., 'OpenKBP: The open-access knowledge-based planning grand challenge and "
-            "dataset', Medical Physics 48:5549-5561, 2021; images from The Cancer Imaging Archive (TCIA); "
-            "research and non-commercial use.",
-            "Synthetic ParotidOAR phantom (ParotidOARLib.phantom), generated; no patient data.",
-        ],
-    }
+OPENKBP_SOURCE = ("OpenKBP: Babier A. et al., 'OpenKBP: The open-access knowledge-based planning grand challenge "
+                  "and dataset', Medical Physics 48:5549-5561, 2021; images from The Cancer Imaging Archive (TCIA); "
+                  "research and non-commercial use.")
+PHANTOM_SOURCE = "Synthetic ParotidOAR phantom (ParotidOARLib.phantom), generated; no patient data."
+
+
+def data_description(work: Path = None, stage1_run=None, stage2_run=None) -> dict:
+    """What the bundle was trained on, from the two runs' records (never assumed)."""
+    r1 = _read(Path(stage1_run or Path(work) / "stage1") / "record.json")
+    r2 = _read(Path(stage2_run or Path(work) / "stage2") / "record.json")
+    parts, sources = [], []
+    split1 = r1.get("split") or {}
+    if r1.get("format") == "openkbp" or str(split1.get("note", "")).startswith("OpenKBP"):
+        excl = ", ".join(split1.get("excluded") or []) or "none"
+        parts.append(f"Stage 1 (parotid): real head-and-neck planning CT from OpenKBP "
+                     f"({r1.get('stage1_patients_train', '?')} training patients x 2 sides; model selected on "
+                     f"{r1.get('stage1_patients_validation', '?')} OpenKBP validation patients; excluded: {excl}; "
+                     f"pt_221 because its parotid masks do not match the CT, the others have no parotid contours).")
+        sources.append(OPENKBP_SOURCE)
+    elif r1:
+        parts.append(f"Stage 1 (parotid): {r1.get('stage1_samples_train', '?')} training and "
+                     f"{r1.get('stage1_samples_validation', '?')} validation samples of the dataset "
+                     f"'{Path(str(r1.get('data', '?'))).name}' ({r1.get('stage1_patients_train', '?')} / "
+                     f"{r1.get('stage1_patients_validation', '?')} patients).")
+        sources.append(f"Dataset '{Path(str(r1.get('data', '?'))).name}' (the training institution's own data; "
+                       "state its provenance and consent here).")
+    if r1.get("stage1_phantom_cases"):
+        parts.append(f"{r1['stage1_phantom_cases']} synthetic phantoms (seeds 300000+) were mixed into stage 1.")
+    s2 = []
+    if r2.get("stage2_samples_train"):
+        name = Path(str(r2.get("stage2_data", "?"))).name
+        s2.append(f"{r2['stage2_samples_train']} training / {r2.get('stage2_samples_validation', '?')} validation "
+                  f"samples of the dataset '{name}'")
+        src = f"Dataset '{name}' (the training institution's own data; state its provenance and consent here)."
+        if src not in sources:
+            sources.append(src)
+    if r2.get("phantom_cases_train"):
+        s2.append(f"the synthetic ParotidOAR post-operative phantom ({r2['phantom_cases_train']} cases, seeds "
+                  f"{r2.get('phantom_seeds_train', '?')}; evaluation uses seeds 0..19, never trained on)")
+    if s2:
+        parts.append("Stage 2 (six OARs): " + " and ".join(s2) + ".")
+    if r1.get("stage1_phantom_cases") or r2.get("phantom_cases_train"):
+        sources.append(PHANTOM_SOURCE)
+    parts.append("Research use only - not for clinical use.")
+    return {"description": " ".join(parts), "sources": sources}
 
 
 def _read(p: Path) -> dict:
@@ -323,5 +387,5 @@ def write_bundle_from_work(work, out, force=False, which="best_dice", extra_reco
         rec.update(extra_record)
     rec["command_line"] = rec["stage1"].get("command_line", "") + " ; " + rec["stage2"].get("command_line", "")
     rec["hardware"] = f"{os.cpu_count()} CPU cores (shared), torch {__import__('torch').__version__}"
-    return training.write_bundle(out, s1, s2, data_description=data_description(work),
+    return training.write_bundle(out, s1, s2, data_description=data_description(work, s1, s2),
                                  training_record=rec, which=which, force=force)
