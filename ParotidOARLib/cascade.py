@@ -471,27 +471,15 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
         temps.append((tmp, out_path))
         if progress:
             progress(95, "write")
-        if rtstruct_path:
-            try:
-                from . import rtstruct
-            except ImportError:
-                raise InputError("RTSTRUCT export (ParotidOARLib.rtstruct) is not available in this "
-                                 "installation.") from None
-            tmp = _tmp_sibling(Path(rtstruct_path))
-            rtstruct.write_rtstruct(tmp, result.all_masks(), geometry, input_path,
-                                    series_uid=options.series_uid, include_roi=True, force=True,
-                                    side=result.side)
-            temps.append((tmp, Path(rtstruct_path)))
-        if dicom_seg_path:
-            try:
-                from . import dicomseg
-            except ImportError:
-                raise InputError("DICOM SEG export (ParotidOARLib.dicomseg) is not available in this "
-                                 "installation.") from None
-            tmp = _tmp_sibling(Path(dicom_seg_path))
-            dicomseg.write_dicom_seg(tmp, result.all_masks(), geometry, input_path,
-                                     series_uid=options.series_uid, force=True, side=result.side)
-            temps.append((tmp, Path(dicom_seg_path)))
+        from . import dicomseg, rtstruct  # (highdicom, pydicom are imported only when writing)
+
+        for path, write, extra in ((rtstruct_path, rtstruct.write_rtstruct, {"include_roi": True}),
+                                   (dicom_seg_path, dicomseg.write_dicom_seg, {})):
+            if path:
+                tmp = _tmp_sibling(Path(path))
+                write(tmp, result.all_masks(), geometry, input_path, series_uid=options.series_uid, force=True,
+                      side=result.side, **extra)
+                temps.append((tmp, Path(path)))
         report = result.report
         # Only what is needed to link the outputs to their input: no patient identifiers, no per-slice UIDs.
         report["input"] = {"path": str(input_path),
