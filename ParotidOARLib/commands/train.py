@@ -87,7 +87,7 @@ def _generic_split(data, fmt, label_map, exclude, work, check=None):
 
 
 def stage1_data(args, work: Path):
-    from .. import dataset, training
+    from .. import dataset
 
     data = Path(args.data)
     if args.format == "openkbp" and (data / "train").is_dir():
@@ -104,15 +104,23 @@ def stage1_data(args, work: Path):
         dataset.save_split(split, work / "splits.json")
     else:
         tr_s, va_s, split = _generic_split(data, args.format, args.label_map, args.exclude, work)
-    tag = f"s1-{training.STAGE1_SPACING}"
-    _log(f"stage-1 cache: {len(tr_s)} train + {len(va_s)} validation samples")
-    cache = work / "cache" / "stage1"
-    tr = training.cached_items(tr_s, lambda s: training.stage1_item(s), cache, tag, _log)
-    va = training.cached_items(va_s, lambda s: training.stage1_item(s), cache, tag, _log)
-    desc = {"stage1_samples_train": len(tr), "stage1_samples_validation": len(va),
-            "stage1_patients_train": len(split["train"]), "stage1_patients_validation": len(split["validation"]),
-            "split": split}
-    return tr, va, desc
+    return _cached_stage_items(1, tr_s, va_s, split, work)
+
+
+def _cached_stage_items(stage: int, tr_s, va_s, split: dict, work: Path):
+    """Build (or reuse) the cached stage-``stage`` items of the split's samples → (train, validation, record)."""
+    from .. import training
+
+    spacing, build = ((training.STAGE1_SPACING, training.stage1_item) if stage == 1
+                      else (training.STAGE2_SPACING, training.stage2_item))
+    _log(f"stage-{stage} cache: {len(tr_s)} train + {len(va_s)} validation samples")
+    cache, tag = work / "cache" / f"stage{stage}", f"s{stage}-{spacing}"
+    tr = training.cached_items(tr_s, build, cache, tag, _log)
+    va = training.cached_items(va_s, build, cache, tag, _log)
+    k = f"stage{stage}_"
+    return tr, va, {k + "samples_train": len(tr), k + "samples_validation": len(va),
+                    k + "patients_train": len(split["train"]), k + "patients_validation": len(split["validation"]),
+                    "split": split}
 
 
 PHANTOM_SPACINGS = [(0.98, 0.98, 2.0), (0.98, 0.98, 2.0), (0.6, 0.6, 1.25), (1.0, 1.0, 3.0), (0.8, 0.8, 1.5)]
@@ -121,7 +129,7 @@ PHANTOM_SPACINGS = [(0.98, 0.98, 2.0), (0.98, 0.98, 2.0), (0.6, 0.6, 1.25), (1.0
 def stage2_data(args, work: Path):
     """Stage 2 from the user's own cases: each needs the Parotid (its reference ROI) and at least one
     of the six OARs; OARs a case lacks are masked out of its loss (partial labels)."""
-    from .. import labels as L, training
+    from .. import labels as L
 
     if args.format == "openkbp":
         raise ParotidOARError("OpenKBP has no labels for the six OARs, so stage 2 cannot train on it. "
@@ -133,14 +141,8 @@ def stage2_data(args, work: Path):
                 for s in samples if not any(n in s.label_sources for n in L.OARS)]
 
     tr_s, va_s, split = _generic_split(Path(args.data), args.format, args.label_map, args.exclude, work, check)
-    tag = f"s2-{training.STAGE2_SPACING}"
-    _log(f"stage-2 cache: {len(tr_s)} train + {len(va_s)} validation samples")
-    cache = work / "cache" / "stage2"
-    tr = training.cached_items(tr_s, lambda s: training.stage2_item(s), cache, tag, _log)
-    va = training.cached_items(va_s, lambda s: training.stage2_item(s), cache, tag, _log)
-    desc = {"stage2_samples_train": len(tr), "stage2_samples_validation": len(va),
-            "stage2_patients_train": len(split["train"]), "stage2_patients_validation": len(split["validation"]),
-            "stage2_data": str(args.data), "stage2_format": args.format, "split": split}
+    tr, va, desc = _cached_stage_items(2, tr_s, va_s, split, work)
+    desc.update({"stage2_data": str(args.data), "stage2_format": args.format})
     return tr, va, desc
 
 
