@@ -341,23 +341,9 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
     # ---- back to the input grid, inside the ROI box only
     with timer("resample"):
-        import SimpleITK as sitk
-
-        g_roi = geometry.crop(rlo, rhi)
-        vec = sitk.GetImageFromArray(np.moveaxis(probs2, 0, -1), isVector=True)
-        g2.apply_to_sitk(vec)
-        ref = sitk.Image([int(v) for v in g_roi.size], sitk.sitkUInt8)
-        g_roi.apply_to_sitk(ref)
-        back = sitk.GetArrayFromImage(sitk.Resample(vec, ref, sitk.Transform(), sitk.sitkLinear, 0.0))
-        lab = np.argmax(back, axis=-1).astype(np.uint8)
-        del back, vec, probs2
-        sl_roi = tuple(slice(a, b) for a, b in zip(rlo, rhi))
-        lab[~roi[sl_roi]] = 0
-        masks = {labels.PAROTID: parotid}
-        for value, oar in enumerate(man.labels("stage2")[1:], start=1):
-            m = np.zeros(geometry.shape, bool)
-            m[sl_roi] = lab == value
-            masks[oar] = m
+        masks = roi_masks_from_probabilities(probs2, g2, geometry, roi, (rlo, rhi), man.labels("stage2")[1:])
+        del probs2
+        masks[labels.PAROTID] = parotid
         masks = {n: masks.get(n, np.zeros(geometry.shape, bool)) for n in labels.STRUCTURES}
     if progress:
         progress(progress_mod.STEPS["resample"][1], "resample")
@@ -385,6 +371,33 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         "peak_memory": peak_memory(device),
     }
     return CascadeResult(masks, roi, roi_name, crop_box, report, geometry, side)
+
+
+def roi_masks_from_probabilities(probs: np.ndarray, prob_geometry: Geometry, geometry: Geometry, roi: np.ndarray,
+                                 roi_box, names) -> dict:
+    """Per-class probabilities (C, z, y, x) on ``prob_geometry`` → ``{names[c-1]: bool mask}`` on ``geometry``:
+    linear resampling inside the ROI's index box ``roi_box`` = (lo, hi) only, argmax, and every voxel
+    outside ``roi`` set to background (channel 0)."""
+    import SimpleITK as sitk
+
+    rlo, rhi = roi_box
+    g_roi = geometry.crop(rlo, rhi)
+    vec = sitk.GetImageFromArray(np.moveaxis(probs, 0, -1), isVector=True)
+    prob_geometry.apply_to_sitk(vec)
+    ref = sitk.Image([int(v) for v in g_roi.size], sitk.sitkUInt8)
+    g_roi.apply_to_sitk(ref)
+    back = sitk.GetArrayFromImage(sitk.Resample(vec, ref, sitk.Transform(), sitk.sitkLinear, 0.0))
+    del vec
+    lab = np.argmax(back, axis=-1).astype(np.uint8)
+    del back
+    sl = tuple(slice(a, b) for a, b in zip(rlo, rhi))
+    lab[~roi[sl]] = 0
+    masks = {}
+    for value, name in enumerate(names, start=1):
+        m = np.zeros(geometry.shape, bool)
+        m[sl] = lab == value
+        masks[name] = m
+    return masks
 
 
 def inference_patch(man, stage: str) -> tuple[int, int, int]:

@@ -201,11 +201,11 @@ def _header_line() -> str:
 
 
 class _Lock:
+    """Exclusive inter-process lock on a lock file (fcntl.flock on POSIX, msvcrt.locking on Windows)."""
+
     def __init__(self, path: Path):
         self.path = path
         self.fd = None
-
-    """Exclusive inter-process lock on a lock file (fcntl.flock on POSIX, msvcrt.locking on Windows)."""
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -169,10 +169,7 @@ def stage2_item(sample, spacing=STAGE2_SPACING, margin_mm: float = L.ROI_MARGIN_
     roi = expand_roi(masks["Parotid"], g, margin_mm)
     oar = {n: masks[n] for n in L.OARS if n in masks}
     ct2, m2, roi2, g2 = stage2_arrays(ct, g, oar, spacing, roi, context_mm=ROI_JITTER_MM + 10.0)
-    label = np.zeros(ct2.shape, np.uint8)
-    for v, n in enumerate(L.OARS, start=1):  # overlapping labels: the later OAR wins
-        if n in m2:
-            label[m2[n]] = v
+    label = _oar_label(m2, ct2.shape)
     channel_mask = np.array([1] + [int(n in m2) for n in L.OARS], np.uint8)
     meta = {"patient": sample.patient, "side": side, "geometry": g2.to_dict(), "source": str(sample.ct_path.parent),
             "oars": [n for n in L.OARS if n in m2]}
@@ -203,9 +200,12 @@ def cached_items(samples, build_fn, cache_dir: Path, tag: str, log=print) -> lis
 
 
 def _oar_label(masks: dict, shape) -> np.ndarray:
+    """OAR masks → one label map (value = 1 + index in ``L.OARS``); OARs absent from ``masks`` stay 0.
+    Overlapping masks: the later OAR wins (the phantom's OARs do not overlap)."""
     label = np.zeros(shape, np.uint8)
-    for v, n in enumerate(L.OARS, start=1):  # (the phantom's OARs do not overlap)
-        label[masks[n]] = v
+    for v, n in enumerate(L.OARS, start=1):
+        if n in masks:
+            label[masks[n]] = v
     return label
 
 
@@ -249,8 +249,7 @@ def one_step_item(ct, geometry, oar_masks: dict, side: str, stage_spacing=STAGE2
     hi = np.minimum(hi_s, blps.max(0) + margin_mm)
     g = canonical_grid(geometry, stage_spacing, lo, hi)
     ct1 = np.round(resample_to(ct.astype(np.float32), geometry, g, "linear", -1000)).astype(np.int16)
-    m1 = {n: resample_mask(m, geometry, g) if m.shape == ct.shape else np.zeros(g.shape, bool)
-          for n, m in oar_masks.items()}
+    m1 = {n: resample_mask(m, geometry, g) for n, m in oar_masks.items()}
     return {"ct": ct1, "label": _oar_label(m1, ct1.shape), "meta": {"side": side, "geometry": g.to_dict()}}
 
 

@@ -325,6 +325,10 @@ OPENKBP_SOURCE = ("OpenKBP: Babier A. et al., 'OpenKBP: The open-access knowledg
 PHANTOM_SOURCE = "Synthetic ParotidOAR phantom (ParotidOARLib.phantom), generated; no patient data."
 
 
+def _own_data_source(name: str) -> str:
+    return f"Dataset '{name}' (the training institution's own data; state its provenance and consent here)."
+
+
 def data_description(work: Path = None, stage1_run=None, stage2_run=None) -> dict:
     """What the bundle was trained on, from the two runs' records (never assumed)."""
     r1 = _read(Path(stage1_run or Path(work) / "stage1") / "record.json")
@@ -343,8 +347,7 @@ def data_description(work: Path = None, stage1_run=None, stage2_run=None) -> dic
                      f"{r1.get('stage1_samples_validation', '?')} validation samples of the dataset "
                      f"'{Path(str(r1.get('data', '?'))).name}' ({r1.get('stage1_patients_train', '?')} / "
                      f"{r1.get('stage1_patients_validation', '?')} patients).")
-        sources.append(f"Dataset '{Path(str(r1.get('data', '?'))).name}' (the training institution's own data; "
-                       "state its provenance and consent here).")
+        sources.append(_own_data_source(Path(str(r1.get('data', '?'))).name))
     if r1.get("stage1_phantom_cases"):
         parts.append(f"{r1['stage1_phantom_cases']} synthetic phantoms (seeds 300000+) were mixed into stage 1.")
     s2 = []
@@ -352,9 +355,8 @@ def data_description(work: Path = None, stage1_run=None, stage2_run=None) -> dic
         name = Path(str(r2.get("stage2_data", "?"))).name
         s2.append(f"{r2['stage2_samples_train']} training / {r2.get('stage2_samples_validation', '?')} validation "
                   f"samples of the dataset '{name}'")
-        src = f"Dataset '{name}' (the training institution's own data; state its provenance and consent here)."
-        if src not in sources:
-            sources.append(src)
+        if _own_data_source(name) not in sources:
+            sources.append(_own_data_source(name))
     if r2.get("phantom_cases_train"):
         s2.append(f"the synthetic ParotidOAR post-operative phantom ({r2['phantom_cases_train']} cases, seeds "
                   f"{r2.get('phantom_seeds_train', '?')}; evaluation uses seeds 0..19, never trained on)")

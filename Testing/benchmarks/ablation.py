@@ -36,7 +36,6 @@ METRICS = ("dsc", "jaccard", "hd95_mm", "precision", "recall")
 
 
 def one_step_predict(net, ck, case, device):
-    import SimpleITK as sitk
     import torch
 
     from ParotidOARLib import labels as L
@@ -44,8 +43,7 @@ def one_step_predict(net, ck, case, device):
     from ParotidOARLib.training import normalise, one_step_item
 
     g = case["geometry"]
-    dummy = {n: np.zeros((1, 1, 1), bool) for n in L.OARS}  # labels not needed here
-    it = one_step_item(case["ct"], g, dummy, case["side"], tuple(ck["spacing"]))
+    it = one_step_item(case["ct"], g, {}, case["side"], tuple(ck["spacing"]))  # the grid only, no labels
     from ParotidOARLib.imageio import Geometry
 
     g1 = Geometry.from_dict(it["meta"]["geometry"])
@@ -54,25 +52,10 @@ def one_step_predict(net, ck, case, device):
     pad = float(normalise(np.array([-1024.0]), norm)[0])
     with torch.inference_mode():
         probs = sliding_window(net, x, tuple(ck["patch"]), len(L.OARS) + 1, device, pad_value=pad)
-    # probabilities → the input grid inside the reference ROI's box (linear), argmax, clip to the ROI
-    from ParotidOARLib import roi as roi_mod
+    # probabilities → the input grid inside the reference ROI's box, clipped to the ROI, as the cascade does
+    from ParotidOARLib import cascade, roi as roi_mod
 
-    rlo, rhi = roi_mod.bounding_box(case["roi"])
-    g_roi = g.crop(rlo, rhi)
-    vec = sitk.GetImageFromArray(np.moveaxis(probs, 0, -1), isVector=True)
-    g1.apply_to_sitk(vec)
-    ref = sitk.Image([int(v) for v in g_roi.size], sitk.sitkUInt8)
-    g_roi.apply_to_sitk(ref)
-    back = sitk.GetArrayFromImage(sitk.Resample(vec, ref, sitk.Transform(), sitk.sitkLinear, 0.0))
-    lab = np.argmax(back, -1)
-    sl = tuple(slice(a, b) for a, b in zip(rlo, rhi))
-    lab[~case["roi"][sl]] = 0
-    out = {}
-    for v, n in enumerate(L.OARS, start=1):
-        m = np.zeros(case["ct"].shape, bool)
-        m[sl] = lab == v
-        out[n] = m
-    return out
+    return cascade.roi_masks_from_probabilities(probs, g1, g, case["roi"], roi_mod.bounding_box(case["roi"]), L.OARS)
 
 
 def main(argv=None):
