@@ -77,6 +77,7 @@ class ParotidOARParameterNode:
     outputSegmentation - receives the result; None means "Create new" after a successful run.
     side - operated side (Left/Right). device - Auto/CPU/GPU. roiMarginMm - ROI margin (17 mm).
     showRoi - show the ROI segment outline. model - model bundle folder ("" = default bundle).
+    useEditedParotid - skip stage 1: build the ROI and OARs from the output segmentation's Parotid segment.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
@@ -86,6 +87,7 @@ class ParotidOARParameterNode:
     roiMarginMm: Annotated[float, WithinRange(1.0, 50.0)] = 17.0
     showRoi: bool = True
     model: str = ""
+    useEditedParotid: bool = False
 
 
 #

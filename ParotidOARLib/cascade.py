@@ -96,6 +96,7 @@ class SegmentOptions:
     max_component_gap_mm: float = MAX_COMPONENT_GAP_MM
     threads: int | None = None  # CPU threads; default = usable cores
     step: float = 0.5  # sliding-window step (fraction of the patch)
+    parotid_path: str | os.PathLike | None = None  # a parotid contour to use instead of stage 1
 
 
 @dataclass
@@ -211,11 +212,17 @@ def load_model_bundle(model_dir=None):
 
 # --------------------------------------------------------------------------- the cascade
 def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress=None, bundle=None,
-        name: str = "input", parotid_only: bool = False) -> CascadeResult:
+        name: str = "input", parotid_only: bool = False, parotid: np.ndarray | None = None,
+        parotid_source: str | None = None) -> CascadeResult:
     """Segment one CT (int16 HU ``[k, j, i]`` on ``geometry``). See the module docstring.
 
     ``parotid_only`` stops after stage 1 (OARs and ROI left empty): used to study stage 1
-    alone on real CT, where no six-OAR reference exists."""
+    alone on real CT, where no six-OAR reference exists.
+
+    ``parotid`` (bool ``[k, j, i]`` on ``geometry``) replaces stage 1: the ROI and stage 2 are built
+    from this parotid (a clinician's corrected contour, or a reference one to study stage 2 alone).
+    Only the part on the operated side of the body midline is used; none there is an error.
+    ``parotid_source`` names it in the report (``"parotid_source": "given (<source>)"``)."""
     import torch
 
     from .inference import configure_cpu_threads, optimise_for_cpu, select_device, sliding_window
@@ -273,43 +280,23 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         sp1 = man.spacing("stage1")
         g1 = preprocess.axis_aligned_grid(sp1, lo, hi)
         norm1 = man.normalisation("stage1")
-        ct1 = preprocess.resample_region(array, geometry, g1, "linear", default_value=preprocess.AIR_HU,
-                                         output_dtype=np.float32)
-        x1 = preprocess.normalise(ct1, norm1)
-        del ct1
+        x1 = None
+        if parotid is None:  # a given parotid needs no stage-1 input
+            ct1 = preprocess.resample_region(array, geometry, g1, "linear", default_value=preprocess.AIR_HU,
+                                             output_dtype=np.float32)
+            x1 = preprocess.normalise(ct1, norm1)
+            del ct1
     if progress:
         progress(progress_mod.STEPS["preprocess"][1], "preprocess")
 
-    # ---- stage 1
-    with timer("stage1"):
-        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device, step=options.step,
-                                tta=options.tta, pad_value=_normalised_air(norm1),
-                                progress=progress_mod.scaled(progress, "stage1"))
-        fg1 = probs1[1]
-        del probs1, x1
-        par1 = fg1 >= 0.5
-        empty_msg = (f"Stage 1 found no parotid on the patient's {side} side of {name}. Check --side "
-                     "(left = patient left), that the scan covers the parotid region, and the model. "
-                     "No organs at risk were produced.")
-        if not par1.any():
-            raise EmptyStructureError(empty_msg)
-        par1 = keep_components(par1, g1.spacing_zyx, options.min_component_cc, options.max_component_gap_mm)
-        # parotid probability → input grid, only inside the parotid's padded box
-        blo, bhi = roi_mod.bounding_box(par1, pad_vox=2)
-        plo, phi = preprocess.lps_bounds(g1, blo, bhi)
-        fg1 = np.where(par1, fg1, np.minimum(fg1, 0.49)).astype(np.float32)  # dropped components stay out
-        tgt_box = _input_box(geometry, plo, phi)
-        if tgt_box is None:
-            raise EmptyStructureError(empty_msg)
-        tlo, thi = tgt_box
-        g_sub = geometry.crop(tlo, thi)
-        par_sub = preprocess.resample_to(fg1, g1, g_sub, "linear", default_value=0.0) >= 0.5
-        par_sub &= preprocess.side_halfspace_mask(g_sub, side, midline)
-        parotid = np.zeros(geometry.shape, bool)
-        parotid[tuple(slice(a, b) for a, b in zip(tlo, thi))] = par_sub
-        del fg1, par1
-        if not parotid.any():
-            raise EmptyStructureError(empty_msg)
+    # ---- stage 1 (or the given parotid)
+    given = None if parotid is None else (parotid_source or "caller")
+    if parotid is not None:
+        parotid = _given_parotid(parotid, geometry, side, midline, name)
+    else:
+        parotid = _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name,
+                                  progress, timer)
+    del x1
     if parotid_only:
         masks = {n: parotid if n == labels.PAROTID else np.zeros(geometry.shape, bool) for n in labels.STRUCTURES}
         return CascadeResult(masks, np.zeros(geometry.shape, bool), "", {},
@@ -361,6 +348,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                   "clinical_use": bool(man.clinical_use), "directory": str(bundle.directory),
                   "sha256": bundle.sha256},
         "device": str(device), "threads": threads, "tta": bool(options.tta),
+        "parotid_source": "stage 1" if given is None else f"given ({given})",
         "side": side, "midline_x_mm": round(midline, 3), "midline": midline_info,
         "roi_margin_mm": margin, "roi_name": roi_name,
         "roi_volume_cc": round(float(np.count_nonzero(roi)) * vox_cc, 3),
@@ -371,6 +359,60 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         "peak_memory": peak_memory(device),
     }
     return CascadeResult(masks, roi, roi_name, crop_box, report, geometry, side)
+
+
+def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer):
+    """Stage 1 on the side crop → the parotid on the input grid (post-processed, operated side only)."""
+    from .inference import sliding_window
+
+    with timer("stage1"):
+        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device, step=options.step,
+                                tta=options.tta, pad_value=_normalised_air(norm1),
+                                progress=progress_mod.scaled(progress, "stage1"))
+        fg1 = probs1[1]
+        del probs1
+        par1 = fg1 >= 0.5
+        empty_msg = (f"Stage 1 found no parotid on the patient's {side} side of {name}. Check --side "
+                     "(left = patient left), that the scan covers the parotid region, and the model. "
+                     "No organs at risk were produced.")
+        if not par1.any():
+            raise EmptyStructureError(empty_msg)
+        par1 = keep_components(par1, g1.spacing_zyx, options.min_component_cc, options.max_component_gap_mm)
+        # parotid probability → input grid, only inside the parotid's padded box
+        blo, bhi = roi_mod.bounding_box(par1, pad_vox=2)
+        plo, phi = preprocess.lps_bounds(g1, blo, bhi)
+        fg1 = np.where(par1, fg1, np.minimum(fg1, 0.49)).astype(np.float32)  # dropped components stay out
+        tgt_box = _input_box(geometry, plo, phi)
+        if tgt_box is None:
+            raise EmptyStructureError(empty_msg)
+        tlo, thi = tgt_box
+        g_sub = geometry.crop(tlo, thi)
+        par_sub = preprocess.resample_to(fg1, g1, g_sub, "linear", default_value=0.0) >= 0.5
+        par_sub &= preprocess.side_halfspace_mask(g_sub, side, midline)
+        parotid = np.zeros(geometry.shape, bool)
+        parotid[tuple(slice(a, b) for a, b in zip(tlo, thi))] = par_sub
+        if not parotid.any():
+            raise EmptyStructureError(empty_msg)
+    return parotid
+
+
+def _given_parotid(parotid, geometry: Geometry, side: str, midline: float, name: str) -> np.ndarray:
+    """Check a caller's parotid (instead of stage 1): right grid, on the operated side, not empty."""
+    parotid = np.asarray(parotid)
+    if parotid.shape != tuple(geometry.shape):
+        raise InputError(f"The given parotid has shape {parotid.shape}, the CT {name} {tuple(geometry.shape)}; "
+                         "it must lie on the CT's grid (resample it first).")
+    parotid = parotid.astype(bool)
+    if not parotid.any():
+        raise EmptyStructureError(f"The given parotid for {name} is empty; draw the residual parotid, or leave "
+                                  "it out to let stage 1 find it.")
+    on_side = parotid & preprocess.side_halfspace_mask(geometry, side, midline)
+    if not on_side.any():
+        other = "right" if side == "left" else "left"
+        raise InputError(f"The given parotid lies entirely on the patient's {other} side of {name} (body midline "
+                         f"x = {midline:.1f} mm LPS), but --side is {side}. Check --side (left = patient left) "
+                         "or the parotid contour.")
+    return on_side
 
 
 def roi_masks_from_probabilities(probs: np.ndarray, prob_geometry: Geometry, geometry: Geometry, roi: np.ndarray,
@@ -457,6 +499,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
                          f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
     if not str(out_path).lower().endswith(".seg.nrrd"):
         raise InputError(f"The output {out_path} must end in .seg.nrrd.")
+    if options.parotid_path and not Path(options.parotid_path).exists():
+        raise InputError(f"Parotid contour not found: {options.parotid_path}. Check the --parotid path.")
 
     # load the model first: a missing/corrupt bundle fails before the (slow) read
     bundle = load_model_bundle(options.model_dir)
@@ -469,7 +513,9 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     t_read = time.perf_counter() - t_read
     if progress:
         progress(progress_mod.STEPS["read"][1], "read")
-    result = run(array, geometry, options, progress=progress, bundle=bundle, name=input_path.name)
+    parotid = read_parotid(options.parotid_path, geometry) if options.parotid_path else None
+    result = run(array, geometry, options, progress=progress, bundle=bundle, name=input_path.name, parotid=parotid,
+                 parotid_source=str(options.parotid_path) if options.parotid_path else None)
     del array
 
     t_write = time.perf_counter()
@@ -520,6 +566,26 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     if progress:
         progress(100, "write")
     return report
+
+
+def read_parotid(path, geometry: Geometry) -> np.ndarray:
+    """A parotid contour file → bool mask on the CT grid ``geometry``: a ``.seg.nrrd`` (the segment named
+    Parotid, or its only segment) or a binary mask image (NRRD/NIfTI/MHA). Another grid is resampled
+    (nearest neighbour, physical space)."""
+    from .commands.evaluate import load_masks, resample_masks_to
+
+    masks, geom, _kind = load_masks(path)
+    if len(masks) > 1:
+        named = [n for n in masks if n.strip().lower() == labels.PAROTID.lower()]
+        if len(named) != 1:
+            raise InputError(f"{path} holds {len(masks)} segments ({', '.join(masks)}) and "
+                             f"{'none' if not named else 'several'} named {labels.PAROTID!r}; name the parotid "
+                             f"segment {labels.PAROTID!r} or pass a file with the parotid only.")
+        masks = {named[0]: masks[named[0]]}
+    (mask,) = masks.values()
+    if not geom.same_grid(geometry):
+        mask = resample_masks_to({"parotid": mask}, geom, geometry)["parotid"]
+    return mask
 
 
 def _device_of(report):

@@ -461,6 +461,24 @@ def segment_arrays(segmentation_node, volume_node, names=None) -> dict[str, np.n
     return out
 
 
+def write_segment_mask(segmentation_node, volume_node, name: str, path) -> Path:
+    """Write the segment called ``name`` (case-insensitive) as a 0/1 mask NRRD on ``volume_node``'s grid,
+    e.g. a corrected Parotid for ``segment --parotid``. Missing or empty segments are refused."""
+    from .imageio import write_image
+
+    masks = segment_arrays(segmentation_node, volume_node)
+    found = [n for n in masks if n.strip().lower() == name.lower()]
+    if len(found) != 1:
+        raise InputError(f"The segmentation {segmentation_node.GetName()!r} has {'no' if not found else 'several'} "
+                         f"segment(s) named {name!r} (it has: {', '.join(masks) or 'none'}). Name the segment "
+                         f"{name!r} first.")
+    mask = masks[found[0]]
+    if not mask.any():
+        raise InputError(f"The {name!r} segment of {segmentation_node.GetName()!r} is empty inside the volume "
+                         f"{volume_node.GetName()!r}; draw it first.")
+    return write_image(Path(path), mask.astype(np.uint8), volume_geometry(volume_node))
+
+
 # --------------------------------------------------------------------------- summary
 def summary_rows(report: dict | None) -> list[tuple[str, str]]:
     """Rows ``(item, value)`` for the widget's summary table, from a cascade report."""
@@ -482,6 +500,8 @@ def summary_rows(report: dict | None) -> list[tuple[str, str]]:
         rows.append(("Device", str(report["device"])))
     if report.get("side"):
         rows.append(("Side", str(report["side"]).capitalize()))
+    if str(report.get("parotid_source", "")).startswith("given"):
+        rows.append(("Parotid", "given contour (stage 1 skipped)"))
     timings = report.get("timings") or {}
     for step, seconds in timings.items():
         try:

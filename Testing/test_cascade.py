@@ -402,3 +402,53 @@ def test_parotid_only_stops_after_stage_1(tiny_bundle):
     assert np.array_equal(only.masks[labels.PAROTID], full.masks[labels.PAROTID])
     assert not only.roi.any() and all(not only.masks[n].any() for n in labels.OARS)
     assert "stage2" not in only.report["timings"] and "stage1" in only.report["timings"]
+
+
+def test_given_parotid_replaces_stage_1(tiny_bundle, tmp_path, capsys):
+    """A clinician's (or reference) parotid instead of stage 1: the ROI and OARs come from it, in the
+    engine and through `segment --parotid` (a .seg.nrrd on another grid); bad contours fail clearly."""
+    ct, g = synthetic_ct(size=(64, 60, 24), spacing=(3.0, 3.0, 4.0))
+    bundle_all = make_tiny_bundle_cached(tiny_bundle.parent, "everywhere", stage1_bias=50.0)
+    mid = preprocess.body_midline_x(ct, g)
+    x = g.index_to_lps(np.argwhere(np.ones(g.shape, bool))[:, ::-1])[:, 0].reshape(g.shape)
+    k, j, i = np.indices(g.shape)
+    blob = ((k - 12) ** 2 / 9 + (j - 30) ** 2 / 36 + (i - 46) ** 2 / 36) <= 1
+    given = blob & (x > mid + 10)  # on the patient's left side only
+    assert given.sum() > 20
+    opts = cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu", roi_margin_mm=10.0)
+    res = cascade.run(ct, g, opts, parotid=given, parotid_source="test")
+    assert np.array_equal(res.masks[labels.PAROTID], given)  # not stage 1's parotid-everywhere
+    assert np.array_equal(res.roi, roi.expand(given, g, 10.0))
+    assert "stage1" not in res.report["timings"] and res.report["parotid_source"] == "given (test)"
+    assert cascade.run(ct, g, opts).report["parotid_source"] == "stage 1"
+
+    with pytest.raises(InputError, match="patient's left side .* but --side is right"):
+        cascade.run(ct, g, cascade.SegmentOptions(side="right", model_dir=bundle_all, device="cpu"), parotid=given)
+    with pytest.raises(EmptyStructureError, match="given parotid .* is empty"):
+        cascade.run(ct, g, opts, parotid=np.zeros(g.shape, bool))
+    with pytest.raises(InputError, match="must lie on the CT's grid"):
+        cascade.run(ct, g, opts, parotid=given[:, :, 1:])
+
+    # CLI: a .seg.nrrd with Parotid + another segment on a 2x finer grid (resampled to the CT grid)
+    path = write_image(tmp_path / "ct.nrrd", ct, g)
+    fine = Geometry(tuple(2 * v for v in g.size), tuple(v / 2 for v in g.spacing),
+                    tuple(g.index_to_lps(np.array([-0.25, -0.25, -0.25]))), g.direction)
+    up = given.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    seg = segio.write_seg(tmp_path / "edited.seg.nrrd", {labels.PAROTID: up, labels.SKIN: up[::-1]}, fine,
+                          side="left")
+    out = tmp_path / "out.seg.nrrd"
+    rep = tmp_path / "rep.json"
+    rc = main(["segment", str(path), "--side", "left", "--out", str(out), "--model", str(bundle_all),
+               "--device", "cpu", "--roi-margin-mm", "10", "--parotid", str(seg), "--report", str(rep)])
+    assert rc == 0, capsys.readouterr().err
+    masks, _, _ = segio.read_seg(out)
+    assert np.array_equal(masks[labels.PAROTID], given)
+    assert json.loads(rep.read_text())["parotid_source"] == f"given ({seg})"
+    # wrong side, and a file with several segments none of which is the parotid: clear error, no output
+    two = segio.write_seg(tmp_path / "two.seg.nrrd", {"A": up, "B": up[::-1]}, fine, side="left")
+    for side, par, msg in (("right", seg, "but --side is right"), ("left", two, "none named 'Parotid'")):
+        out2 = tmp_path / "bad.seg.nrrd"
+        rc = main(["segment", str(path), "--side", side, "--out", str(out2), "--model", str(bundle_all),
+                   "--device", "cpu", "--parotid", str(par)])
+        assert rc != 0 and msg in capsys.readouterr().err
+        assert not out2.exists()

@@ -213,3 +213,41 @@ def test_request_validation(mrml, oblique_volume):
     assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--model") + 1] == "/m"
     assert cmd[cmd.index("--roi-margin-mm") + 1] == "12.5" and cmd[-1] == "--progress-lines"
     assert np.isfinite(float(cmd[cmd.index("--roi-margin-mm") + 1]))
+
+
+def test_segment_logic_redoes_the_oars_from_a_corrected_parotid(mrml, bundles, oblique_volume, tmp_path):
+    """'Redo OARs': the Parotid segment of a segmentation node replaces stage 1 (passed as `--parotid`)."""
+    import slicer
+
+    from ParotidOARGui.SegmentLogic import SegmentLogic, SegmentRequest
+    from ParotidOARLib import segio
+    from ParotidOARLib.errors import InputError
+
+    volume, geometry = oblique_volume
+    idx = np.argwhere(np.ones(geometry.shape, bool))[:, ::-1]
+    lps = geometry.index_to_lps(idx).reshape(*geometry.shape, 3)
+    centre = geometry.index_to_lps(np.array(geometry.size) / 2.0 - 0.5)
+    blob = np.linalg.norm(lps - (centre + np.array([30.0, 0.0, 0.0])), axis=-1) <= 15.0
+    assert blob.sum() > 30
+    seg_path = segio.write_seg(tmp_path / "corrected.seg.nrrd", {labels.PAROTID: blob}, geometry, side="left")
+    corrected = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "corrected")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(seg_path))
+    assert storage.ReadData(corrected)
+
+    logic = SegmentLogic(mrml.scene)
+    node = logic.run(SegmentRequest(volume, side="left", model_dir=str(bundles["fast"]),
+                                    parotid_segmentation=corrected), timeout=300)
+    masks = scene.segment_arrays(node, volume)
+    assert np.array_equal(masks[labels.PAROTID], blob)  # the corrected parotid, not stage 1's
+    assert scene.report_of(node)["parotid_source"].startswith("given (")
+    assert dict(scene.summary_rows(scene.report_of(node)))["Parotid"] == "given contour (stage 1 skipped)"
+    assert logic._tmp is None
+
+    # a node without a Parotid segment: refused before any process starts, scene unchanged
+    other = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no parotid")
+    other.GetSegmentation().AddEmptySegment("x", "Skin")
+    before = _segmentation_nodes(mrml.scene)
+    with pytest.raises(InputError, match="no segment.* named 'Parotid'"):
+        logic.start(SegmentRequest(volume, side="left", model_dir=str(bundles["fast"]), parotid_segmentation=other))
+    assert not logic.is_running and logic._tmp is None and _segmentation_nodes(mrml.scene) == before

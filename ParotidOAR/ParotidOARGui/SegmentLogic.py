@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ParotidOARLib import scene as mrml_scene
+from ParotidOARLib import labels, scene as mrml_scene
 from ParotidOARLib.errors import Cancelled, InputError, ParotidOARError
 
 try:
@@ -80,6 +80,7 @@ class SegmentRequest:
     show_roi: bool = True
     force: bool = False  # replace a segmentation with user edits
     closed_surface: bool = True
+    parotid_segmentation: object = None  # use this node's Parotid segment instead of stage 1 (redo the OARs)
 
     def validate(self) -> None:
         if self.volume_node is None or self.volume_node.GetImageData() is None:
@@ -115,13 +116,16 @@ class SegmentLogic:
         self.process.finished.connect(self._on_process_finished)
 
     # ---------------------------------------------------------------- commands
-    def build_command(self, input_path, out_path, report_path, request: SegmentRequest) -> list[str]:
+    def build_command(self, input_path, out_path, report_path, request: SegmentRequest,
+                      parotid_path=None) -> list[str]:
         cmd = [self.python_executable or default_python(), "-m", "ParotidOARLib", "segment", str(input_path),
                "--side", request.side, "--out", str(out_path), "--report", str(report_path),
                "--device", DEVICES[request.device], "--roi-margin-mm", f"{float(request.roi_margin_mm):g}",
                "--progress-lines"]
         if request.model_dir:
             cmd[5:5] = ["--model", str(request.model_dir)]
+        if parotid_path:
+            cmd += ["--parotid", str(parotid_path)]
         return cmd
 
     def environment(self) -> dict:
@@ -144,8 +148,13 @@ class SegmentLogic:
         self.request, self.report, self.result_node, self.error = request, None, None, None
         self._tmp = Path(tempfile.mkdtemp(prefix="ParotidOAR-"))
         try:
+            parotid_path = None
+            if request.parotid_segmentation is not None:
+                parotid_path = mrml_scene.write_segment_mask(request.parotid_segmentation, request.volume_node,
+                                                             labels.PAROTID, self._tmp / "parotid.nrrd")
             input_path = mrml_scene.write_volume(request.volume_node, self._tmp / "input.nrrd")
-            cmd = self.build_command(input_path, self._tmp / "result.seg.nrrd", self._tmp / "report.json", request)
+            cmd = self.build_command(input_path, self._tmp / "result.seg.nrrd", self._tmp / "report.json", request,
+                                     parotid_path)
             self.progress.emit(0.0, "Starting")
             self.process.start(cmd, env=self.environment(), cwd=str(self._tmp))
         except Exception:

@@ -95,7 +95,8 @@ class SegmentTab:
                     _("Run the two-step segmentation in a separate process.") if hasModel
                     else _("Install a model bundle first (python -m ParotidOARLib models install PATH)."))
             for widget in (self.ui.inputVolumeSelector, self.ui.outputSegmentationSelector, self.ui.sideComboBox,
-                           self.ui.deviceComboBox, self.ui.modelComboBox, self.ui.roiMarginSpinBox):
+                           self.ui.deviceComboBox, self.ui.modelComboBox, self.ui.roiMarginSpinBox,
+                           self.ui.useEditedParotidCheckBox):
                 widget.enabled = not running
             output = node.outputSegmentation
             if output is not None:
@@ -125,6 +126,9 @@ class SegmentTab:
             node = self.parameterNode()
             self.logic.ensureDependencies()
             output = node.outputSegmentation
+            if node.useEditedParotid and output is None:
+                raise ValueError(_("'Redo OARs' uses the Parotid segment of the output segmentation: choose that "
+                                   "segmentation as output, or untick 'Redo OARs'."))
             force = False
             if output is not None and mrml_scene.has_user_edits(output):
                 if not slicer.util.confirmYesNoDisplay(
@@ -137,7 +141,8 @@ class SegmentTab:
             request = SegmentRequest(
                 volume_node=node.inputVolume, side=node.side.lower(), segmentation_node=output,
                 device=node.device.lower(), model_dir=node.model or None, roi_margin_mm=node.roiMarginMm,
-                show_roi=node.showRoi, force=force)
+                show_roi=node.showRoi, force=force,
+                parotid_segmentation=output if node.useEditedParotid else None)
             self.ui.statusLabel.text = _("Writing the input volume...")
             slicer.app.processEvents()
             self.segmentLogic.start(request)

@@ -23,7 +23,11 @@ def add_arguments(p):
     p.add_argument("--roi-margin-mm", type=float, default=17.0, help="ROI margin around the parotid (default 17)")
     p.add_argument("--report", default=None, help="write a JSON report (volumes, timings, model, memory)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8x slower)")
+    p.add_argument("--parotid", default=None, metavar="FILE",
+                   help="use this parotid contour instead of stage 1 (.seg.nrrd with a 'Parotid' segment, or a "
+                        "binary mask NRRD/NIfTI; resampled to the CT grid if needed): the ROI and the six OARs "
+                        "are built from it, e.g. after correcting stage 1's parotid")
+    p.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation (about 2x slower)")
     p.add_argument("--progress-lines", action="store_true",
                    help="print machine-readable 'PROGRESS <0-100> <step>' lines on stdout")
     p.add_argument("--series-uid", default=None, help="DICOM: the series to use when the folder has several")
@@ -47,7 +51,8 @@ def run(args) -> int:
     try:
         opts = SegmentOptions(side=args.side, model_dir=args.model, device=args.device,
                               roi_margin_mm=args.roi_margin_mm, tta=args.tta, force=args.force,
-                              series_uid=args.series_uid, threads=args.threads, step=args.step)
+                              series_uid=args.series_uid, threads=args.threads, step=args.step,
+                              parotid_path=args.parotid)
         report = segment(args.input, args.out, opts, progress=prog, report_path=args.report,
                          rtstruct_path=args.rtstruct, dicom_seg_path=args.dicom_seg)
     finally:

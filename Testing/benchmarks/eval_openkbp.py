@@ -39,6 +39,8 @@ def main(argv=None):
     ap.add_argument("--component-study", action="store_true",
                     help="run stage 1 keeping every component and compare post-processing rules "
                          "(writes eval_openkbp_components.json)")
+    ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
+    ap.add_argument("--parotid-only", action="store_true", help="stage 1 only (no mandible coverage figures)")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_openkbp.json"))
     args = ap.parse_args(argv)
     from ParotidOARLib import cascade, dataset, labels as L, metrics
@@ -60,8 +62,9 @@ def main(argv=None):
         t = time.perf_counter()
         row = {"patient": s.patient, "side": side}
         try:
-            res = cascade.run(ct, g, cascade.SegmentOptions(side=side, model_dir=args.model,
-                                                            threads=args.threads or None), bundle=bundle)
+            res = cascade.run(ct, g, cascade.SegmentOptions(side=side, model_dir=args.model, tta=args.tta,
+                                                            threads=args.threads or None), bundle=bundle,
+                              parotid_only=args.parotid_only)
         except EmptyStructureError:
             row.update({"dsc": 0.0, "empty": True})
             rows.append(row)
@@ -71,7 +74,7 @@ def main(argv=None):
         m = metrics.compare(res.masks[L.PAROTID], masks["Parotid"], g.spacing_zyx, tolerance_mm=2.85)
         row.update({k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall",
                                           "volume_pred_cc", "volume_ref_cc")})
-        if "Mandible" in masks:
+        if "Mandible" in masks and not args.parotid_only:
             mand = masks["Mandible"] & res.roi
             pred = (res.masks[L.RAMUS] | res.masks[L.CONDYLE]) & res.roi
             inter = float((mand & pred).sum())
@@ -86,6 +89,7 @@ def main(argv=None):
                ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall", "mandible_recall",
                 "mandible_precision", "mandible_dsc", "seconds")}
     out = {"model": bundle.manifest.model_id, "data": f"OpenKBP {args.split} (minus {', '.join(EXCLUDE)})",
+           "tta": bool(args.tta), "parotid_only": bool(args.parotid_only),
            "n_samples": len(rows), "n_patients": len({r['patient'] for r in rows}), "summary": summary,
            "rows": rows, "surface_dsc_tolerance_mm": 2.85,
            "note": "Mean ± SD over patient sides. Stage 2 was trained on phantoms only; ramus + condyle is "

@@ -92,6 +92,10 @@ def main(argv=None):
     ap.add_argument("--cases", type=int, default=20)
     ap.add_argument("--extra", type=int, default=5, help="cases per extra spacing / pose set")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--reference-parotid", action="store_true",
+                    help="stage 2 alone: build the ROI from the reference parotid instead of stage 1 "
+                         "(shows how much of the OAR error comes from stage 1)")
+    ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
     ap.add_argument("--generate-only", action="store_true", help="only fill the case cache")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_phantom.json"))
     args = ap.parse_args(argv)
@@ -109,16 +113,20 @@ def main(argv=None):
     bundle = cascade.load_model_bundle(args.model)
     result = {"model": bundle.manifest.model_id, "model_dir": str(args.model), "targets_dsc": TARGETS,
               "reference": "phantom labels clipped to the reference ROI (reference.seg.nrrd)",
-              "held_out_seeds": "0..19 default spacing; 20.. extra sets; training seeds >= 100000", "sets": {}}
+              "held_out_seeds": "0..19 default spacing; 20.. extra sets; training seeds >= 100000",
+              "parotid": "reference (stage 2 alone)" if args.reference_parotid else "stage 1", "tta": bool(args.tta),
+              "sets": {}}
     for set_name, cases in sets:
         rows, times, failures = [], [], []
         for seed, sp, pose in cases:
             c = load_case(seed, sp, pose)
             t = time.perf_counter()
             try:
-                res = cascade.run(c["ct"], c["geometry"], cascade.SegmentOptions(side=c["side"], model_dir=args.model,
-                                                                                 threads=args.threads or None),
-                                  bundle=bundle)
+                opts = cascade.SegmentOptions(side=c["side"], model_dir=args.model, tta=args.tta,
+                                              threads=args.threads or None)
+                res = cascade.run(c["ct"], c["geometry"], opts, bundle=bundle,
+                                  parotid=c["labels_full"][L.PAROTID] if args.reference_parotid else None,
+                                  parotid_source="reference" if args.reference_parotid else None)
                 pred = res.masks
             except EmptyStructureError as exc:
                 failures.append({"seed": seed, "error": str(exc)})
