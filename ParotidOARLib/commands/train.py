@@ -376,7 +376,7 @@ def _read(p: Path) -> dict:
 
 
 def write_bundle_from_work(work, out, force=False, which="best_dice", extra_record=None, stage1_run=None,
-                           stage2_run=None):
+                           stage2_run=None, version="1.0.0"):
     """Assemble a bundle from ``work/stage1`` and ``work/stage2`` (or explicit run folders)."""
     from .. import training
 
@@ -392,4 +392,4 @@ def write_bundle_from_work(work, out, force=False, which="best_dice", extra_reco
     rec["command_line"] = rec["stage1"].get("command_line", "") + " ; " + rec["stage2"].get("command_line", "")
     rec["hardware"] = f"{os.cpu_count()} CPU cores (shared), torch {__import__('torch').__version__}"
     return training.write_bundle(out, s1, s2, data_description=data_description(work, s1, s2),
-                                 training_record=rec, which=which, force=force)
+                                 training_record=rec, which=which, force=force, version=version)
