@@ -466,13 +466,14 @@ def write_segment_mask(segmentation_node, volume_node, name: str, path) -> Path:
     e.g. a corrected Parotid for ``segment --parotid``. Missing or empty segments are refused."""
     from .imageio import write_image
 
-    masks = segment_arrays(segmentation_node, volume_node)
-    found = [n for n in masks if n.strip().lower() == name.lower()]
+    segmentation = segmentation_node.GetSegmentation()
+    names = [segmentation.GetSegment(i).GetName() for i in _segment_ids(segmentation_node)]
+    found = [n for n in names if n.strip().lower() == name.lower()]
     if len(found) != 1:
         raise InputError(f"The segmentation {segmentation_node.GetName()!r} has {'no' if not found else 'several'} "
-                         f"segment(s) named {name!r} (it has: {', '.join(masks) or 'none'}). Name the segment "
+                         f"segment(s) named {name!r} (it has: {', '.join(names) or 'none'}). Name the segment "
                          f"{name!r} first.")
-    mask = masks[found[0]]
+    mask = segment_arrays(segmentation_node, volume_node, names=found)[found[0]]  # resample that segment only
     if not mask.any():
         raise InputError(f"The {name!r} segment of {segmentation_node.GetName()!r} is empty inside the volume "
                          f"{volume_node.GetName()!r}; draw it first.")
