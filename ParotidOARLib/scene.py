@@ -23,7 +23,8 @@ Public functions
 * :func:`set_roi_visible`, :func:`roi_segment_id` — the Show ROI toggle.
 * :func:`set_crop_box` — the locked ``vtkMRMLMarkupsROINode`` of the stage-2 crop.
 * :func:`place_in_study` — parent a node under the volume's study item.
-* :func:`segment_arrays` — segments resampled onto a volume's grid as numpy masks.
+* :func:`segment_arrays` — segments resampled onto a volume's grid as numpy masks (any source
+  representation, parent transforms honoured).
 * :func:`summary_rows` / :func:`report_of` — the widget's summary table, as data.
 
 Node attributes written by ParotidOAR (all prefixed ``ParotidOAR.``):
@@ -53,6 +54,7 @@ CROP_BOX_ROLE = "ParotidOARCropBox"
 CROP_BOX_NAME = "ParotidOAR stage-2 crop box"
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
+PLANAR_CONTOUR = "Planar contour"  # SlicerRT's RTSTRUCT import
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS <-> RAS (its own inverse)
 
@@ -423,34 +425,124 @@ def report_of(segmentation_node) -> dict | None:
 
 
 # --------------------------------------------------------------------------- arrays
-def segment_arrays(segmentation_node, volume_node, names=None) -> dict[str, np.ndarray]:
-    """``{segment name: bool mask [k, j, i]}`` on ``volume_node``'s grid (nearest neighbour)."""
+def _volume_reference_image(volume_node):
+    """An empty ``vtkOrientedImageData`` with the volume's grid (its own IJK→RAS, before any parent transform)."""
     slicer = _mrml()
     import vtk
-    from vtk.util import numpy_support
 
     reference = slicer.vtkOrientedImageData()
     reference.SetDimensions(volume_node.GetImageData().GetDimensions())
     m = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     reference.SetImageToWorldMatrix(m)
+    return reference
+
+
+def _transform_to_volume(segmentation_node, volume_node):
+    """The transform from the segmentation's coordinates to the volume's (None when both are untransformed)."""
+    slicer = _mrml()
+    import vtk
+
+    seg_parent = segmentation_node.GetParentTransformNode()
+    vol_parent = volume_node.GetParentTransformNode()
+    if seg_parent is None and vol_parent is None:
+        return None
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(seg_parent, vol_parent, transform)
+    return transform
+
+
+def _labelmap_copy(segmentation_node, segment_ids, reference, to_volume):
+    """A private segmentation node holding ``segment_ids`` with a binary labelmap representation.
+
+    The user's node is never changed. A segment whose source representation is
+    not a labelmap (a closed surface, or SlicerRT's planar contours from an
+    RTSTRUCT) is converted on the copy, on the volume's grid (expressed in the
+    segmentation's coordinates when a transform lies between them). If the
+    source cannot be converted here (no converter: e.g. planar contours without
+    SlicerRT), any other representation the segment holds is tried as source.
+    """
+    slicer = _mrml()
+    import vtk
+
+    private_scene = slicer.vtkMRMLScene()
+    copy = private_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation = copy.GetSegmentation()
+    segmentation.DeepCopy(segmentation_node.GetSegmentation())
+    for segment_id in list(_segment_ids(copy)):
+        if segment_id not in segment_ids:
+            segmentation.RemoveSegment(segment_id)
+    if not segment_ids or segmentation.ContainsRepresentation(BINARY_LABELMAP):
+        return copy, private_scene
+    geometry = slicer.vtkOrientedImageData()
+    geometry.DeepCopy(reference)
+    if to_volume is not None:  # the volume grid in the segmentation's coordinates (geometry only)
+        linear = vtk.vtkTransform()
+        if slicer.vtkOrientedImageDataResample.IsTransformLinear(to_volume, linear):
+            inverse = vtk.vtkTransform()
+            inverse.DeepCopy(linear)
+            inverse.Inverse()
+            slicer.vtkOrientedImageDataResample.TransformOrientedImage(geometry, inverse, True)
+    segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+                                        slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
+    source = segmentation.GetSourceRepresentationName() if hasattr(segmentation, "GetSourceRepresentationName") \
+        else segmentation.GetMasterRepresentationName()
+    candidates = [source] + [name for name in (CLOSED_SURFACE, PLANAR_CONTOUR) if name != source]
+    for candidate in candidates:
+        if not all(segmentation.GetSegment(i).GetRepresentation(candidate) is not None for i in segment_ids):
+            continue
+        if candidate != source:
+            if hasattr(segmentation, "SetSourceRepresentationName"):
+                segmentation.SetSourceRepresentationName(candidate)
+            else:  # Slicer < 5.4
+                segmentation.SetMasterRepresentationName(candidate)
+        if segmentation.CreateRepresentation(BINARY_LABELMAP) and all(
+                _has_labelmap(segmentation.GetSegment(i)) for i in segment_ids):
+            return copy, private_scene
+    raise GeometryError(
+        f"The segmentation {segmentation_node.GetName()!r} has no binary labelmap and its {source!r} "
+        "representation cannot be converted to one here. Convert it in the Segmentations module "
+        "(Representations: Binary labelmap > Create), or install SlicerRT for RTSTRUCT planar contours.")
+
+
+def _has_labelmap(segment) -> bool:
+    image = segment.GetRepresentation(BINARY_LABELMAP)
+    return image is not None and image.GetPointData() is not None and image.GetPointData().GetScalars() is not None
+
+
+def segment_arrays(segmentation_node, volume_node, names=None) -> dict[str, np.ndarray]:
+    """``{segment name: bool mask [k, j, i]}`` on ``volume_node``'s grid (nearest neighbour).
+
+    Works whatever the segmentation's source representation is (binary
+    labelmap, closed surface, SlicerRT's planar contours: converted on a
+    private copy, the user's node is not changed) and honours parent transforms
+    of the segmentation and of the volume, as Slicer's
+    ``ExportSegmentsToLabelmapNode`` does. Raises :class:`GeometryError` when a
+    segment cannot be converted, instead of returning an empty mask.
+    """
+    slicer = _mrml()
+    from vtk.util import numpy_support
+
+    reference = _volume_reference_image(volume_node)
+    to_volume = _transform_to_volume(segmentation_node, volume_node)
     shape = volume_geometry(volume_node).shape
+    source_segmentation = segmentation_node.GetSegmentation()
+    wanted = [i for i in _segment_ids(segmentation_node)
+              if names is None or source_segmentation.GetSegment(i).GetName() in names]
+    copy, _private_scene = _labelmap_copy(segmentation_node, wanted, reference, to_volume)
+    segmentation = copy.GetSegmentation()
     out = {}
-    segmentation = segmentation_node.GetSegmentation()
-    for segment_id in _segment_ids(segmentation_node):
+    for segment_id in wanted:
         segment = segmentation.GetSegment(segment_id)
         name = segment.GetName()
-        if names is not None and name not in names:
-            continue
         source = segment.GetRepresentation(BINARY_LABELMAP)
-        if source is None or source.GetPointData().GetScalars() is None:
-            out[name] = np.zeros(shape, dtype=bool)
-            continue
         labelmap = slicer.vtkOrientedImageData()
         labelmap.DeepCopy(source)
         values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
         values[:] = values == segment.GetLabelValue()  # shared layers hold several label values
         labelmap.Modified()
+        if to_volume is not None:
+            slicer.vtkOrientedImageDataResample.TransformOrientedImage(labelmap, to_volume)
         resampled = slicer.vtkOrientedImageData()
         ok = slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
             labelmap, reference, resampled, False, True)  # nearest neighbour, pad to reference extent

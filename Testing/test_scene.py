@@ -303,3 +303,103 @@ def test_summary_rows(case):
     assert rows["Volume: ROI"] == "12.50 cc"
     assert scene.summary_rows(None) == []
     json.dumps(scene.summary_rows(case["report"]))  # plain data
+
+
+# ---------------------------------------------------------------------------- segment_arrays (issue 14, defect 1)
+def _ball_segmentation(mrml_scene, source: str, center_ras, radius: float, with_surface: bool = True):
+    """A reference segmentation the way other tools make them: a closed-surface source (e.g. a model import),
+    or SlicerRT's RTSTRUCT import (source "Planar contour", closed surface derived from it)."""
+    import slicer
+    import vtk
+
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*center_ras)
+    sphere.SetRadius(radius)
+    sphere.SetThetaResolution(48)
+    sphere.SetPhiResolution(48)
+    sphere.Update()
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"reference ({source})")
+    node.GetSegmentation().SetSourceRepresentationName(source)
+    segment = slicer.vtkSegment()
+    segment.SetName("Ball")
+    if source == scene.PLANAR_CONTOUR:
+        contours = vtk.vtkCutter()  # axial contours of the sphere, as stored in an RTSTRUCT
+        plane = vtk.vtkPlane()
+        plane.SetNormal(0.0, 0.0, 1.0)
+        plane.SetOrigin(*center_ras)
+        contours.SetCutFunction(plane)
+        contours.GenerateValues(7, -radius * 0.9, radius * 0.9)
+        contours.SetInputData(sphere.GetOutput())
+        contours.Update()
+        segment.AddRepresentation(scene.PLANAR_CONTOUR, contours.GetOutput())
+    if with_surface or source == scene.CLOSED_SURFACE:
+        segment.AddRepresentation(scene.CLOSED_SURFACE, sphere.GetOutput())
+    node.GetSegmentation().AddSegment(segment, "Ball")
+    return node
+
+
+def _ball_truth(volume, center_ras, radius):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    dims = volume.GetImageData().GetDimensions()
+    k, j, i = np.meshgrid(*(np.arange(n) for n in dims[::-1]), indexing="ij")
+    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1).reshape(-1, 4)
+    ras = (ijk @ ijk_to_ras.T)[:, :3]
+    return (np.linalg.norm(ras - np.asarray(center_ras), axis=1) <= radius).reshape(dims[::-1])
+
+
+def _dice(a, b):
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("source", [scene.CLOSED_SURFACE, scene.PLANAR_CONTOUR])
+def test_segment_arrays_converts_non_labelmap_references(case, source):
+    """A reference whose source is a closed surface, or SlicerRT's planar contours (RTSTRUCT import), used to give
+    all-zero masks (Review tab: DSC 0). It is converted now, on a copy: the user's node gains no representation."""
+    volume = case["volume"]
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    center = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
+    node = _ball_segmentation(case["mrml"].scene, source, center, 9.0)
+    mask = scene.segment_arrays(node, volume)["Ball"]
+    truth = _ball_truth(volume, center, 9.0)
+    assert truth.sum() > 300
+    assert _dice(mask, truth) > 0.9, (mask.sum(), truth.sum())
+    assert not node.GetSegmentation().ContainsRepresentation(scene.BINARY_LABELMAP)  # the user's node untouched
+
+
+def test_segment_arrays_refuses_what_it_cannot_convert(case):
+    """Planar contours alone need SlicerRT's converter; without it the result must be an error, never empty masks."""
+    from ParotidOARLib.errors import GeometryError
+
+    node = _ball_segmentation(case["mrml"].scene, scene.PLANAR_CONTOUR, [0.0, 0.0, 0.0], 9.0, with_surface=False)
+    with pytest.raises(GeometryError, match="SlicerRT"):
+        scene.segment_arrays(node, case["volume"])
+
+
+def test_segment_arrays_honours_parent_transforms(case):
+    """A transformed segmentation is compared where it is shown: through its parent transform (and the volume's)."""
+    import vtk
+
+    mrml_scene, volume, masks = case["mrml"].scene, case["volume"], case["masks"]
+    node = _load(case)
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    step = np.array([m.GetElement(r, 0) for r in range(3)])  # one voxel along i, in RAS
+    shift = vtk.vtkMatrix4x4()
+    for r in range(3):
+        shift.SetElement(r, 3, 3.0 * step[r])
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift 3 voxels")
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    got = scene.segment_arrays(node, volume, names=[labels.PAROTID])[labels.PAROTID]
+    expected = np.zeros_like(masks[labels.PAROTID])
+    expected[:, :, 3:] = masks[labels.PAROTID][:, :, :-3]
+    assert np.array_equal(got, expected)
+    # the volume under the same transform: the two line up again
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    got = scene.segment_arrays(node, volume, names=[labels.PAROTID])[labels.PAROTID]
+    assert np.array_equal(got, masks[labels.PAROTID])
