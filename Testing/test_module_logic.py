@@ -103,6 +103,76 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     assert not _alive(parent_pid)
 
 
+def test_cancel_does_not_block_and_wait_is_a_hard_bound(tmp_path):
+    """Issue 14, defect 6: a child that ignores SIGTERM, and a grandchild that escaped the process group, ignores
+    SIGTERM and holds the output pipe open. cancel() must return at once (it used to block for seconds), and
+    wait(timeout) must return within its bound (it used to poll forever once the deadline had passed)."""
+    import signal
+    import threading
+
+    escaped_pid_file = tmp_path / "escaped.pid"
+    script = tmp_path / "stubborn.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # a descendant in its own session (outside our process group), deaf to SIGTERM, holding stdout open
+        code = "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+        escaped = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        open({str(escaped_pid_file)!r}, "w").write(str(escaped.pid))
+        print("PROGRESS 5 started", flush=True)
+        while True:
+            time.sleep(0.1)
+    """))
+    runner = ProcessRunner(terminate_grace=1.0, drain_grace=1.0)
+    finished = []
+    runner.finished.connect(lambda rc, cancelled: finished.append((rc, cancelled)))
+    runner.start([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 30
+        while runner.last_progress[0] < 5 and time.monotonic() < deadline:
+            runner.poll()
+            time.sleep(0.02)
+        parent_pid = runner._proc.pid
+        escaped_pid = int(escaped_pid_file.read_text())
+
+        t0 = time.monotonic()
+        runner.cancel()
+        assert time.monotonic() - t0 < 0.5, "cancel() blocked the caller (the GUI thread)"
+        assert runner.is_running  # finished comes from a later poll
+
+        waiter = threading.Thread(target=runner.wait, kwargs={"timeout": 1.0}, daemon=True)
+        t0 = time.monotonic()
+        waiter.start()
+        waiter.join(20)
+        assert not waiter.is_alive(), "wait(timeout) did not return: it is not a bound"
+        assert time.monotonic() - t0 < 1.0 + 1.0 + 1.0 + 2.0
+        assert finished == [(runner.returncode, True)] and runner.cancelled and runner.abandoned
+        deadline = time.monotonic() + 5
+        while _alive(parent_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(parent_pid), "the SIGTERM-deaf child was not killed"
+    finally:
+        if escaped_pid_file.exists():
+            try:
+                os.kill(int(escaped_pid_file.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_wait_timeout_kills_a_child_that_ignores_sigterm(tmp_path):
+    """The batch's --timeout and Slicer's exit rely on wait(timeout): a SIGTERM-deaf child is killed in bound."""
+    script = tmp_path / "deaf.py"
+    script.write_text("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                      "print('PROGRESS 1 x', flush=True)\ntime.sleep(120)\n")
+    runner = ProcessRunner(terminate_grace=1.0, drain_grace=1.0)
+    runner.start([sys.executable, str(script)])
+    t0 = time.monotonic()
+    runner.wait(timeout=1.0)
+    assert time.monotonic() - t0 < 6.0
+    assert runner.cancelled and not runner.is_running and runner.returncode is not None
+    assert not _alive(runner._proc.pid)
+
+
 # ---------------------------------------------------------------------------- SegmentLogic end to end
 pytest.importorskip("torch")
 

@@ -7,10 +7,15 @@ in a loop (:meth:`ProcessRunner.wait`, headless and in tests). ``PROGRESS
 <pct> <step>`` lines become :attr:`progress` events; when the process has
 ended and its output is drained, :attr:`finished` fires once.
 
-:meth:`ProcessRunner.cancel` kills the whole process tree: with psutil when
-available, else ``os.killpg`` on the new session (POSIX) or ``taskkill /T /F``
-(Windows). Nothing here imports Qt or Slicer, so the logic can be driven and
-tested without a GUI; the logic takes the runner as an injectable object.
+:meth:`ProcessRunner.cancel` stops the whole process tree without blocking:
+SIGTERM at once (psutil when available, else ``os.killpg`` on the new session
+on POSIX, ``taskkill /T /F`` on Windows), SIGKILL from :meth:`ProcessRunner.poll`
+after ``terminate_grace`` seconds, and the run is given up ``drain_grace``
+seconds later even if the output pipe stays open. :meth:`ProcessRunner.wait`
+with a timeout is therefore a hard bound.
+
+Nothing here imports Qt or Slicer, so the logic can be driven and tested
+without a GUI; the logic takes the runner as an injectable object.
 """
 
 from __future__ import annotations
@@ -40,8 +45,17 @@ def parse_progress(line: str):
     return min(100.0, max(0.0, float(match.group(1)))), match.group(2).strip()
 
 
-def kill_process_tree(pid: int, timeout: float = 3.0) -> None:
-    """Terminate ``pid`` and all its descendants (then kill what is left after ``timeout``)."""
+#: seconds between SIGTERM and SIGKILL when a run is cancelled
+TERMINATE_GRACE_S = 3.0
+#: seconds, after SIGKILL, to wait for the output pipe to close before the run is given up as finished
+DRAIN_GRACE_S = 2.0
+
+
+def terminate_process_tree(pid: int):
+    """Ask ``pid`` and its descendants to stop (SIGTERM, or ``taskkill /T /F`` on Windows). Never blocks.
+
+    Returns a handle for :func:`force_kill_process_tree` (the psutil processes found now, or None).
+    """
     try:
         import psutil
     except ImportError:
@@ -49,41 +63,65 @@ def kill_process_tree(pid: int, timeout: float = 3.0) -> None:
     if psutil is not None:
         try:
             parent = psutil.Process(pid)
+            procs = parent.children(recursive=True) + [parent]
         except psutil.NoSuchProcess:
-            return
-        procs = parent.children(recursive=True) + [parent]
+            return []
         for p in procs:
             try:
                 p.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _gone, alive = psutil.wait_procs(procs, timeout=timeout)
-        for p in alive:
+        return procs
+    if sys.platform == "win32":
+        subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
+        return None
+    # POSIX without psutil: the child leads its own session, so its group id is its pid
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return None
+
+
+def force_kill_process_tree(pid: int, handle=None) -> None:
+    """SIGKILL ``pid``'s tree (the processes in ``handle`` and any descendant still found). Never blocks."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        procs = list(handle or [])
+        try:
+            parent = psutil.Process(pid)
+            procs += parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            pass
+        for p in procs:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(alive, timeout=timeout)
         return
     if sys.platform == "win32":
         subprocess.run(["taskkill", "/T", "/F", "/PID", str(pid)], capture_output=True, check=False)
         return
-    # POSIX without psutil: the child leads its own session, so its group id is its pid
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_process_tree(pid: int, timeout: float = TERMINATE_GRACE_S) -> None:
+    """Blocking helper: terminate ``pid``'s tree, then kill what is left after ``timeout`` s."""
+    handle = terminate_process_tree(pid)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError, OSError):
+            break
         time.sleep(0.05)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    force_kill_process_tree(pid, handle)
 
 
 class ProcessRunner:
@@ -94,7 +132,13 @@ class ProcessRunner:
     holds every line the process printed.
     """
 
-    def __init__(self):
+    def __init__(self, terminate_grace: float = TERMINATE_GRACE_S, drain_grace: float = DRAIN_GRACE_S):
+        self.terminate_grace = float(terminate_grace)
+        self.drain_grace = float(drain_grace)
+        self._kill_handle = None
+        self._kill_at: float | None = None
+        self._give_up_at: float | None = None
+        self.abandoned = False  # True when the run was ended without the output pipe closing (see poll)
         self.progress = Signal("pct: float, step: str")
         self.line = Signal("text: str")
         self.finished = Signal("returncode: int, cancelled: bool")
@@ -116,6 +160,7 @@ class ProcessRunner:
         if self.is_running:
             raise RuntimeError("A ParotidOAR process is already running; cancel it first.")
         self.output, self.returncode, self.cancelled = [], None, False
+        self._kill_handle, self._kill_at, self._give_up_at, self.abandoned = None, None, None, False
         self.last_progress = (0.0, "")
         self._queue = queue.Queue()
         kwargs = {}
@@ -138,15 +183,22 @@ class ProcessRunner:
         q.put(None)  # end of output
 
     def cancel(self) -> None:
-        """Kill the process tree; ``finished`` fires from the next :meth:`poll` with ``cancelled=True``."""
-        if self._proc is None or self._done:
+        """Stop the process tree without blocking: SIGTERM now, SIGKILL from :meth:`poll` after
+        ``terminate_grace`` s. ``finished`` fires from a later :meth:`poll` with ``cancelled=True``."""
+        if self._proc is None or self._done or self.cancelled:
             return
         self.cancelled = True
-        kill_process_tree(self._proc.pid)
+        self._kill_handle = terminate_process_tree(self._proc.pid)
+        self._kill_at = time.monotonic() + self.terminate_grace
 
     # ---------------------------------------------------------------- polling
     def poll(self) -> bool:
-        """Handle pending output; return True while the process is still running."""
+        """Handle pending output; return True while the process is still running.
+
+        After a cancel it also enforces the bounds: SIGKILL once ``terminate_grace`` s have passed, and
+        ``drain_grace`` s later the run ends even if the output pipe never closes (a descendant that
+        escaped the process group may hold it open); :attr:`abandoned` is then True.
+        """
         if self._done:
             return False
         ended = False
@@ -160,11 +212,24 @@ class ProcessRunner:
                 break
             self._handle_line(text)
         if ended:
-            self.returncode = self._proc.wait()
-            self._done = True
-            self.finished.emit(self.returncode, self.cancelled)
+            self._finish(self._proc.wait())
             return False
+        if self.cancelled:
+            now = time.monotonic()
+            if self._give_up_at is None and now >= self._kill_at:
+                force_kill_process_tree(self._proc.pid, self._kill_handle)
+                self._give_up_at = now + self.drain_grace
+            elif self._give_up_at is not None and now >= self._give_up_at:
+                self.abandoned = True
+                code = self._proc.poll()
+                self._finish(code if code is not None else -9)
+                return False
         return True
+
+    def _finish(self, returncode) -> None:
+        self.returncode = returncode
+        self._done = True
+        self.finished.emit(self.returncode, self.cancelled)
 
     def _handle_line(self, text: str) -> None:
         parsed = parse_progress(text)
@@ -176,12 +241,13 @@ class ProcessRunner:
         self.line.emit(text)
 
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> int | None:
-        """Poll until the process ends (or ``timeout`` s pass: then cancel it). Returns the exit code."""
+        """Poll until the process ends. After ``timeout`` s it is cancelled, and the wait is bounded:
+        it returns at most ``timeout + terminate_grace + drain_grace`` s (plus one ``interval``) after
+        it began, whatever the process does. Returns the exit code."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll():
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and not self.cancelled and time.monotonic() > deadline:
                 self.cancel()
-                deadline = None
             time.sleep(interval)
         return self.returncode
 
