@@ -20,6 +20,8 @@ Public functions
   unless ``force``.
 * :func:`check_can_write` / :func:`has_user_edits` / :func:`segment_content_hash`
   — the "never overwrite user edits" guard.
+* :func:`made_for_other_volume` / :func:`input_volume_of` — a result belongs to the CT
+  it was computed from (node reference ``ParotidOARInputVolume``).
 * :func:`set_roi_visible`, :func:`roi_segment_id` — the Show ROI toggle.
 * :func:`set_crop_box` — the locked ``vtkMRMLMarkupsROINode`` of the stage-2 crop.
 * :func:`place_in_study` — parent a node under the volume's study item.
@@ -51,6 +53,7 @@ ATTR_SIDE = "ParotidOAR.Side"
 ATTR_ROI_ID = "ParotidOAR.RoiSegmentID"
 ATTR_MODEL = "ParotidOAR.Model"
 CROP_BOX_ROLE = "ParotidOARCropBox"
+INPUT_VOLUME_ROLE = "ParotidOARInputVolume"  # node reference: the CT a result was computed from
 CROP_BOX_NAME = "ParotidOAR stage-2 crop box"
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
@@ -208,6 +211,25 @@ def has_user_edits(segmentation_node) -> bool:
     if not stored:
         return True
     return stored != segment_content_hash(segmentation_node)
+
+
+def input_volume_of(segmentation_node):
+    """The volume node a ParotidOAR result was computed from (a saved node reference), or None."""
+    if segmentation_node is None:
+        return None
+    return segmentation_node.GetNodeReference(INPUT_VOLUME_ROLE)
+
+
+def made_for_other_volume(segmentation_node, volume_node) -> bool:
+    """True if ``segmentation_node`` holds a ParotidOAR result computed from a volume other than ``volume_node``
+    (e.g. the previous patient's CT): writing the new result into it would overwrite that patient's result."""
+    if segmentation_node is None or volume_node is None:
+        return False
+    source = input_volume_of(segmentation_node)
+    if source is not None:
+        return source.GetID() != volume_node.GetID()
+    # a result whose CT was since removed from the scene: its reference ID no longer resolves
+    return bool(segmentation_node.GetNodeReferenceID(INPUT_VOLUME_ROLE))
 
 
 def check_can_write(segmentation_node, force: bool = False) -> None:
@@ -405,6 +427,8 @@ def load_result(scene, seg_path, volume_node, segmentation_node=None, *, report:
         set_crop_box(scene, segmentation_node, report["crop_box_lps"], volume_node)
     if side:
         segmentation_node.SetAttribute(ATTR_SIDE, str(side))
+    if volume_node is not None:
+        segmentation_node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volume_node.GetID())
     model = report.get("model") or {}
     if model:
         segmentation_node.SetAttribute(ATTR_MODEL, f"{model.get('id', '')} {model.get('version', '')}".strip())

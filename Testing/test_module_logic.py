@@ -321,3 +321,38 @@ def test_segment_logic_redoes_the_oars_from_a_corrected_parotid(mrml, bundles, o
     with pytest.raises(InputError, match="no segment.* named 'Parotid'"):
         logic.start(SegmentRequest(volume, side="left", model_dir=str(bundles["fast"]), parotid_segmentation=other))
     assert not logic.is_running and logic._tmp is None and _segmentation_nodes(mrml.scene) == before
+
+
+def test_new_input_volume_never_overwrites_the_previous_result(mrml, bundles, oblique_volume, tmp_path):
+    """Issue 14, defect 8: the output node of the last patient stays selected when a new CT is chosen. A run for
+    the new CT must create a new node, leaving the previous result (segments, name, place, hash) untouched."""
+    from bundle_utils import synthetic_ct
+
+    from ParotidOARGui.SegmentLogic import SegmentLogic, SegmentRequest
+    from ParotidOARLib import segio
+
+    volume_b, _geometry_b = oblique_volume
+    ct_a, geometry_a = synthetic_ct(size=(40, 40, 12), spacing=(3.0, 3.0, 4.0), semi_axes_mm=(50, 55))
+    volume_a = scene.add_volume(mrml.scene, ct_a, geometry_a, "patient A CT")
+    mask = np.zeros(geometry_a.shape, bool)
+    mask[4:8, 10:20, 10:20] = True
+    seg_path = segio.write_seg(tmp_path / "a.seg.nrrd", {labels.PAROTID: mask}, geometry_a, side="left")
+    previous = scene.load_result(mrml.scene, seg_path, volume_a, side="left", closed_surface=False)
+    assert scene.input_volume_of(previous) is volume_a
+    before = (previous.GetName(), scene.segment_content_hash(previous), previous.GetAttribute(scene.ATTR_HASH),
+              previous.GetSegmentation().GetNumberOfSegments())
+
+    logic = SegmentLogic(mrml.scene)
+    node = logic.run(SegmentRequest(volume_b, side="left", segmentation_node=previous,
+                                    model_dir=str(bundles["fast"])), timeout=300)
+    assert node is not None and node is not previous
+    assert node.GetName() == "oblique CT OARs" and scene.input_volume_of(node) is volume_b
+    assert (previous.GetName(), scene.segment_content_hash(previous), previous.GetAttribute(scene.ATTR_HASH),
+            previous.GetSegmentation().GetNumberOfSegments()) == before
+    assert scene.input_volume_of(previous) is volume_a
+
+    # the same CT again: its own result node is reused (no pile of nodes)
+    again = logic.run(SegmentRequest(volume_b, side="left", segmentation_node=node, model_dir=str(bundles["fast"])),
+                      timeout=300)
+    assert again is node
+    assert not scene.made_for_other_volume(node, volume_b) and scene.made_for_other_volume(previous, volume_b)

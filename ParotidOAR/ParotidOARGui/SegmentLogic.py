@@ -5,8 +5,9 @@ runner (default :class:`~ParotidOARGui.Process.ProcessRunner`). It writes
 the input volume to a temporary NRRD, runs
 ``<python> -m ParotidOARLib segment IN --side … --out OUT.seg.nrrd --report R.json
 --progress-lines`` in a separate process and, on success, imports the result
-with :func:`ParotidOARLib.scene.load_result`. On failure or cancel the scene
-is left exactly as it was (the output node is only created or changed after
+with :func:`ParotidOARLib.scene.load_result`. An output node that holds the
+result of another CT (the previous patient) is never reused: a new node is
+created instead. On failure or cancel the scene is left exactly as it was (the output node is only created or changed after
 the process succeeded) and the process's error text is reported.
 
 The GUI drives :meth:`SegmentLogic.poll` from a ``qt.QTimer``; scripts and
@@ -144,6 +145,13 @@ class SegmentLogic:
         if self.is_running:
             raise InputError("A segmentation is already running. Wait for it or cancel it.")
         request.validate()
+        if mrml_scene.made_for_other_volume(request.segmentation_node, request.volume_node):
+            if request.parotid_segmentation is request.segmentation_node:
+                raise InputError(
+                    f"'Redo OARs' uses the Parotid of {request.segmentation_node.GetName()!r}, which was computed "
+                    f"from another CT than {request.volume_node.GetName()!r}. Choose this CT's segmentation.")
+            # the previous patient's result stays as it is; the new CT gets its own node
+            request.segmentation_node = None
         mrml_scene.check_can_write(request.segmentation_node, request.force)  # fail before any work
         self.request, self.report, self.result_node, self.error = request, None, None, None
         self._tmp = Path(tempfile.mkdtemp(prefix="ParotidOAR-"))
