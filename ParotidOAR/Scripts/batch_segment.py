@@ -2,7 +2,7 @@
 
     Slicer --no-main-window --python-script ParotidOAR/Scripts/batch_segment.py -- \\
         --input DIR|cases.csv --side left|right|--side-from-json --out DIR [--mrb] [--force] \\
-        [--model BUNDLE] [--device auto|cpu|gpu] [--roi-margin-mm 17]
+        [--model BUNDLE] [--device auto|cpu|gpu] [--roi-margin-mm 17] [--install-dependencies]
 
 For each case (same discovery rules as ``python -m ParotidOARLib batch``) the CT
 is read, added to the scene, segmented with ``ParotidOARLogic.segment`` (the
@@ -12,7 +12,10 @@ the whole scene (CT, segmentation with its display settings, crop-box ROI) is
 also saved as ``OUT/<case>.mrb``. Finished cases are skipped unless
 ``--force``; a failed case is reported and the batch goes on. A summary CSV is
 written to ``OUT/batch-summary.csv``. Slicer exits with 0, or 1 if any case
-failed. Research use only - not for clinical use.
+failed, or 2 at once if a Python package is missing: no dialog is ever opened
+(nobody could answer it under ``--no-main-window``); install the dependencies
+from the module first, or pass ``--install-dependencies`` to install them
+without asking. Research use only - not for clinical use.
 """
 
 import argparse
@@ -48,7 +51,18 @@ def parse_args(argv):
     p.add_argument("--mrb", action="store_true", help="also save a .mrb scene per case")
     p.add_argument("--force", action="store_true", help="redo cases whose outputs exist")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per case before it is cancelled")
+    p.add_argument("--install-dependencies", action="store_true",
+                   help="install missing Python packages (torch through PyTorch Utils) without asking; by default "
+                        "the batch stops at once when one is missing (no dialog can be answered headless)")
     return p.parse_args(argv)
+
+
+def check_dependencies(install: bool) -> None:
+    """Headless: never open a dialog. Missing packages stop the batch at once (DependencyError), unless
+    ``install`` (``--install-dependencies``): then they are installed without asking."""
+    from ParotidOARGui import Dependencies
+
+    Dependencies.ensure(confirm=False, install=install)
 
 
 def _atomic_json(path, data):
@@ -90,16 +104,24 @@ def segment_case(logic, case, args, out_dir):
 
 def main(argv):
     _paths()
+    args = parse_args(argv)
+    from ParotidOARGui.Dependencies import DependencyError
+
+    try:  # before anything else: a missing package must not surface as a modal dialog nobody can answer
+        check_dependencies(args.install_dependencies)
+    except DependencyError as exc:
+        print(f"batch_segment: {exc}", file=sys.stderr, flush=True)
+        return 2
     import slicer
     from ParotidOAR import ParotidOARLogic
     from ParotidOARLib import batch
     from ParotidOARLib.errors import ParotidOARError
 
-    args = parse_args(argv)
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     cases = batch.discover_cases(args.input, side=args.side, side_from_json=args.side_from_json)
     logic = ParotidOARLogic()
+    logic.ensureDependencies(confirm=False, install=args.install_dependencies)  # checked above: no dialog
     rows = []
     try:
         for n, case in enumerate(cases, start=1):
