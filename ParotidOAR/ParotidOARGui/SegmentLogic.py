@@ -140,10 +140,9 @@ class SegmentLogic:
     def is_running(self) -> bool:
         return self.process.is_running
 
-    def start(self, request: SegmentRequest) -> None:
-        """Validate, write the volume to a temp file and start the process (returns at once)."""
-        if self.is_running:
-            raise InputError("A segmentation is already running. Wait for it or cancel it.")
+    def check(self, request: SegmentRequest) -> None:
+        """Everything that can refuse a request before any work (and before any dependency check):
+        the inputs, the output's owner CT (another CT's result is never reused) and user edits."""
         request.validate()
         if mrml_scene.made_for_other_volume(request.segmentation_node, request.volume_node):
             if request.parotid_segmentation is request.segmentation_node:
@@ -152,7 +151,13 @@ class SegmentLogic:
                     f"from another CT than {request.volume_node.GetName()!r}. Choose this CT's segmentation.")
             # the previous patient's result stays as it is; the new CT gets its own node
             request.segmentation_node = None
-        mrml_scene.check_can_write(request.segmentation_node, request.force)  # fail before any work
+        mrml_scene.check_can_write(request.segmentation_node, request.force)
+
+    def start(self, request: SegmentRequest) -> None:
+        """Check, write the volume to a temp file and start the process (returns at once)."""
+        if self.is_running:
+            raise InputError("A segmentation is already running. Wait for it or cancel it.")
+        self.check(request)  # fail before any work
         self.request, self.report, self.result_node, self.error = request, None, None, None
         self._tmp = Path(tempfile.mkdtemp(prefix="ParotidOAR-"))
         try:
