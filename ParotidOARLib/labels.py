@@ -38,7 +38,9 @@ def roi_segment_name(margin_mm: float = ROI_MARGIN_MM_DEFAULT) -> str:
 
 ROI = roi_segment_name()
 
-CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+#: our own terminology context (ParotidOAR/Resources/ParotidOAR.term.json, loaded by the Slicer module), so that
+#: Slicer's terminology selector resolves the private 99POAR codes as well as the SNOMED CT ones
+CONTEXT = "Segmentation category and type - ParotidOAR"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 CATEGORY_ANATOMY = ("SCT", "123037004", "Anatomical Structure")
 CATEGORY_ROI = ("99POAR", "ROI", "Region of interest")
