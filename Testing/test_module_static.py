@@ -25,7 +25,8 @@ MODULE = REPO / "ParotidOAR"
 MODULE_PY = MODULE / "ParotidOAR.py"
 UI_FILE = MODULE / "Resources" / "UI" / "ParotidOAR.ui"
 GUI = MODULE / "ParotidOARGui"
-UI_USERS = [MODULE_PY, GUI / "SegmentTab.py"]
+#: every module file that reads widgets from the .ui (self.ui.<name>)
+UI_USERS = sorted(p for p in [MODULE_PY, *GUI.glob("*.py")] if "self.ui." in p.read_text(encoding="utf-8"))
 
 
 def _module_ast() -> ast.Module:
@@ -63,12 +64,21 @@ def test_module_files_compile(path, tmp_path):
 
 def test_every_ui_name_used_exists_in_ui_file():
     widgets = _ui_widgets()
+    assert {p.name for p in UI_USERS} >= {"ParotidOAR.py", "SegmentTab.py"}
     used = set()
     for path in UI_USERS:
         used |= {(path.name, m) for m in re.findall(r"\bself\.ui\.(\w+)", path.read_text(encoding="utf-8"))}
     assert used, "no self.ui.<name> found - has the module changed its naming?"
     missing = sorted(f"{f}: {name}" for f, name in used if name not in widgets)
     assert not missing, f"widgets used in code but absent from {UI_FILE.name}: {missing}"
+    # widget names are unique (childWidgetVariables would silently keep one of two)
+    names = [w.get("name") for w in ET.parse(UI_FILE).getroot().iter("widget")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
+    # every parameter-node field is bound by the .ui, or synced by hand in the code (the model combo box)
+    bound = {_prop(w, "SlicerParameterName") for w in widgets.values()} - {None}
+    by_hand = {m for p in UI_USERS for m in re.findall(r"\bnode\.(\w+)\s*=", p.read_text(encoding="utf-8"))}
+    unbound = set(_wrapper_fields()) - bound - by_hand
+    assert not unbound, f"parameter-node fields neither in the .ui nor set in code: {sorted(unbound)}"
 
 
 def test_required_widgets_and_tabs():
@@ -146,16 +156,108 @@ def test_module_metadata():
     assert "from slicer.i18n import tr as _" in source
 
 
-def test_self_test_skips_nothing_and_runs_segment():
+def test_self_test_skips_only_without_dependencies_and_runs_segment():
     tree = _module_ast()
     test_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ParotidOARTest")
-    src = ast.get_source_segment(MODULE_PY.read_text(encoding="utf-8"), test_cls)
-    assert "skip" not in src.lower()
+    text = MODULE_PY.read_text(encoding="utf-8")
+    src = ast.get_source_segment(text, test_cls)
     assert "generate_case(" in src and "size=\"small\"" in src and "metrics.compare(" in src
-    run_test = next(n for n in test_cls.body if isinstance(n, ast.FunctionDef) and n.name == "runTest")
-    called = {n.func.attr for n in ast.walk(run_test) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
-    tests = {n.name for n in test_cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    methods = {n.name: n for n in test_cls.body if isinstance(n, ast.FunctionDef)}
+    run_test = methods["runTest"]
+    called = {n.func.attr for n in ast.walk(run_test) if isinstance(n, ast.Attribute) for n in [n]
+              if False} | {n.attr for n in ast.walk(run_test) if isinstance(n, ast.Attribute)}
+    tests = {name for name in methods if name.startswith("test_")}
     assert tests and tests <= called, f"runTest does not call {tests - called}"
+    # the only skip: inference without its dependencies (torch), decided by Dependencies, with a message
+    skips = [name for name, fn in methods.items() if "skipTest" in ast.get_source_segment(text, fn)]
+    assert skips == ["_skipUnlessInferenceCanRun"], skips
+    skip_src = ast.get_source_segment(text, methods["_skipUnlessInferenceCanRun"])
+    assert "Dependencies.status()" in skip_src
+    segment_src = ast.get_source_segment(text, methods["test_SegmentPhantom"])
+    assert segment_src.split("\n")[1].strip() == "self._skipUnlessInferenceCanRun()"
+    assert "_skipUnlessInferenceCanRun" not in ast.get_source_segment(text, methods["test_EditedSegmentationIsProtected"])
+
+
+def test_segment_button_cannot_be_reentered():
+    """Issue 14, defect 9: slicer.app.processEvents() inside the click handler used to deliver a fast second click
+    into the same handler ("already running"). The button is disabled, and a guard set, before any event can be
+    processed."""
+    source = (GUI / "SegmentTab.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentTab")
+    methods = {n.name: ast.get_source_segment(source, n) for n in cls.body if isinstance(n, ast.FunctionDef)}
+    click = methods["onSegmentButton"]
+    guard = click.index("if self._starting:")
+    disable = click.index("self.ui.segmentButton.enabled = False")
+    start = click.index("self._startSegmentation()")
+    assert guard < disable < start
+    assert "self._starting = False" in click.split("finally:", 1)[1]
+    assert "processEvents" not in click and "processEvents" in methods["_startSegmentation"]
+    assert "not self._starting" in methods["updateFromParameterNode"]
+
+
+def test_on_reload_reloads_the_helper_packages():
+    tree = _module_ast()
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ParotidOARWidget")
+    reload = next((n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onReload"), None)
+    assert reload is not None, "ParotidOARWidget.onReload is missing"
+    src = ast.get_source_segment(MODULE_PY.read_text(encoding="utf-8"), reload)
+    assert '"ParotidOARGui", "ParotidOARLib"' in src and "del sys.modules[name]" in src
+    assert "ScriptedLoadableModuleWidget.onReload(self)" in src
+
+
+def test_extension_urls_point_to_files_in_the_repository():
+    """The Extensions Index checks the icon and screenshot URLs: each must name a file that exists here."""
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    base = re.search(r'set\(PAROTIDOAR_RAW_URL "([^"]+)"\)', text).group(1)
+    for var in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        value = re.search(rf'set\({var} "([^"]+)"\)', text).group(1)
+        urls = value.replace("${PAROTIDOAR_RAW_URL}", base).split()
+        assert urls, var
+        for url in urls:
+            assert url.startswith(base + "/"), url
+            path = REPO / url[len(base) + 1:]
+            assert path.is_file(), f"{var}: {url} -> {path} does not exist"
+            assert path.stat().st_size > 10_000 or path.suffix == ".png" and path.stat().st_size > 1000
+    help_text = MODULE_PY.read_text(encoding="utf-8").split("self.parent.helpText", 1)[1].split('""")', 1)[0]
+    assert "github.com/ParotidOAR" not in help_text  # the repository it linked to does not exist
+
+
+def test_terminology_file_covers_every_code_and_loads_in_slicer():
+    """ParotidOAR.term.json holds every code the segments carry (SNOMED CT and the private 99POAR), and Slicer's
+    terminology logic resolves each segment's entry from it (it could not before: the private codes are in no
+    terminology Slicer ships)."""
+    import json
+
+    pytest.importorskip("slicer")
+    import slicer
+
+    from ParotidOARLib import labels
+
+    path = MODULE / "Resources" / "ParotidOAR.term.json"
+    content = json.loads(path.read_text(encoding="utf-8"))
+    assert content["SegmentationCategoryTypeContextName"] == labels.CONTEXT
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+
+    def resolved(name, side):
+        """The entry as Slicer's terminology logic completes it from the loaded terminologies: our file sets
+        the recommended colour and the 3D Slicer label; without it the type stays grey and unnamed."""
+        entry = slicer.vtkSlicerTerminologyEntry()
+        assert logic.DeserializeTerminologyEntry(labels.terminology_string(name, side), entry)
+        logic.UpdateEntryFromLoadedTerminologies(entry, [], [])
+        t = entry.GetTypeObject()
+        return (tuple(t.GetRecommendedDisplayRGBValue()) == labels.color_255(name)
+                and t.GetCodeValue() == labels.info(name).type_code[1])
+
+    names = list(labels.STRUCTURES) + [labels.ROI]
+    assert not any(resolved(name, "left") for name in names)
+    assert logic.LoadTerminologyFromFile(str(path)) == labels.CONTEXT
+    for name in names:
+        for side in ("left", "right"):
+            assert resolved(name, side), (name, side)
+    module_src = MODULE_PY.read_text(encoding="utf-8")
+    assert "LoadTerminologyFromFile(self.terminologyPath())" in module_src
+    assert 'Resources", "ParotidOAR.term.json"' in module_src
 
 
 def test_scene_glue_never_uses_app_singletons():
@@ -195,6 +297,7 @@ def test_cmake_lists_module_files_and_packages_engine():
         assert f"../ParotidOARLib/{name}" in listed, name
     resources = re.search(r"set\(MODULE_PYTHON_RESOURCES(.*?)\)", text, re.S).group(1).split()
     assert "Resources/UI/${MODULE_NAME}.ui" in resources and "Resources/requirements.txt" in resources
+    assert "Resources/${MODULE_NAME}.term.json" in resources
     # the engine is copied as a package folder next to ParotidOAR.py, not to ../ (outside the module dir)
     assert "ctkMacroCompilePythonScript" in text and "SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in text
     tests = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
