@@ -166,6 +166,7 @@ class SegmentTab:
             return
         self._updating = True
         try:
+            self._selectModel(node)  # node -> combo box, before anything reads the combo box
             running = self.segmentLogic.is_running
             hasModel = bool(self.ui.modelComboBox.currentData)
             if running:
@@ -182,7 +183,6 @@ class SegmentTab:
                            self.ui.deviceComboBox, self.ui.modelComboBox, self.ui.roiMarginSpinBox,
                            self.ui.useEditedParotidCheckBox):
                 widget.enabled = not running
-            self._selectModel(node)
             output = node.outputSegmentation
             if output is not None and not running and mrml_scene.made_for_other_volume(output, node.inputVolume):
                 # a new CT: do not offer to overwrite the previous patient's result ("Create new")
