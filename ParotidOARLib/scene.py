@@ -31,7 +31,8 @@ Public functions
 
 Node attributes written by ParotidOAR (all prefixed ``ParotidOAR.``):
 ``ContentHash`` (segment content when the result was loaded), ``Report``
-(the cascade report as JSON), ``Side``, ``RoiSegmentID``, ``Model``.
+(the cascade report as JSON), ``Side``, ``RoiSegmentID``, ``Model``, ``InputVolumeID``
+(with the node reference ``ParotidOARInputVolume``: the CT the result was computed from).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ ATTR_ROI_ID = "ParotidOAR.RoiSegmentID"
 ATTR_MODEL = "ParotidOAR.Model"
 CROP_BOX_ROLE = "ParotidOARCropBox"
 INPUT_VOLUME_ROLE = "ParotidOARInputVolume"  # node reference: the CT a result was computed from
+ATTR_INPUT_VOLUME = "ParotidOAR.InputVolumeID"  # the same, as an attribute: it outlives the CT's removal
 CROP_BOX_NAME = "ParotidOAR stage-2 crop box"
 BINARY_LABELMAP = "Binary labelmap"
 CLOSED_SURFACE = "Closed surface"
@@ -228,8 +230,8 @@ def made_for_other_volume(segmentation_node, volume_node) -> bool:
     source = input_volume_of(segmentation_node)
     if source is not None:
         return source.GetID() != volume_node.GetID()
-    # a result whose CT was since removed from the scene: its reference ID no longer resolves
-    return bool(segmentation_node.GetNodeReferenceID(INPUT_VOLUME_ROLE))
+    # a result whose CT was removed from the scene (MRML drops the reference then; the attribute stays)
+    return bool(segmentation_node.GetAttribute(ATTR_INPUT_VOLUME))
 
 
 def check_can_write(segmentation_node, force: bool = False) -> None:
@@ -429,6 +431,7 @@ def load_result(scene, seg_path, volume_node, segmentation_node=None, *, report:
         segmentation_node.SetAttribute(ATTR_SIDE, str(side))
     if volume_node is not None:
         segmentation_node.SetNodeReferenceID(INPUT_VOLUME_ROLE, volume_node.GetID())
+        segmentation_node.SetAttribute(ATTR_INPUT_VOLUME, volume_node.GetID())
     model = report.get("model") or {}
     if model:
         segmentation_node.SetAttribute(ATTR_MODEL, f"{model.get('id', '')} {model.get('version', '')}".strip())

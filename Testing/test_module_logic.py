@@ -356,3 +356,28 @@ def test_new_input_volume_never_overwrites_the_previous_result(mrml, bundles, ob
                       timeout=300)
     assert again is node
     assert not scene.made_for_other_volume(node, volume_b) and scene.made_for_other_volume(previous, volume_b)
+
+
+def test_redo_oars_from_another_cts_result_is_refused(mrml, oblique_volume, tmp_path):
+    """'Redo OARs' with the previous patient's segmentation as output: refused before any work (no process)."""
+    from bundle_utils import synthetic_ct
+
+    from ParotidOARGui.SegmentLogic import SegmentLogic, SegmentRequest
+    from ParotidOARLib import segio
+    from ParotidOARLib.errors import InputError
+
+    volume_b, _geometry_b = oblique_volume
+    ct_a, geometry_a = synthetic_ct(size=(32, 32, 8), spacing=(3.0, 3.0, 4.0), semi_axes_mm=(40, 45))
+    volume_a = scene.add_volume(mrml.scene, ct_a, geometry_a, "patient A CT")
+    mask = np.zeros(geometry_a.shape, bool)
+    mask[2:6, 10:20, 10:20] = True
+    previous = scene.load_result(mrml.scene, segio.write_seg(tmp_path / "a.seg.nrrd", {labels.PAROTID: mask},
+                                                             geometry_a, side="left"),
+                                 volume_a, side="left", closed_surface=False)
+    logic = SegmentLogic(mrml.scene)
+    with pytest.raises(InputError, match="another CT"):
+        logic.start(SegmentRequest(volume_b, side="left", segmentation_node=previous, parotid_segmentation=previous))
+    assert not logic.is_running and logic._tmp is None
+    # the CT of a result removed from the scene: the result still counts as another CT's
+    mrml.scene.RemoveNode(volume_a)
+    assert scene.input_volume_of(previous) is None and scene.made_for_other_volume(previous, volume_b)
