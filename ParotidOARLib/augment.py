@@ -14,6 +14,12 @@ crop makes an anatomically valid left-side crop (the side is swapped together wi
 image). Up-down or front-back flips would not be anatomy, so they are never applied.
 
 Intensity (on the normalised image): multiplicative scale, additive shift, Gaussian noise.
+
+Two presets: the defaults (the project's first recipe: spatial p 0.8, elastic p 0.3) and
+:meth:`AugmentParams.nnunet` — nnU-Net v2's probabilities (``nnUNetTrainer.get_training_transforms``):
+rotation p 0.2 and scaling p 0.2 (0.7–1.4) drawn independently, no elastic deformation, Gaussian
+noise p 0.1, Gaussian blur p 0.2, brightness p 0.15, contrast p 0.15, low-resolution simulation
+p 0.25 (zoom 0.5–1), gamma p 0.1 on the inverted image and p 0.3 on the image, left-right mirroring.
 """
 
 from __future__ import annotations
@@ -40,10 +46,42 @@ class AugmentParams:
     int_shift: float = 0.1
     p_noise: float = 0.15
     noise_sd: float = 0.1
+    # nnU-Net-style transforms (off in the first recipe). When ``p_rotation`` / ``p_scaling`` are
+    # set, rotation and scaling are drawn independently with them and ``p_spatial`` is unused.
+    p_rotation: float | None = None
+    p_scaling: float | None = None
+    p_blur: float = 0.0
+    blur_sigma: tuple = (0.5, 1.0)  # voxels
+    p_brightness: float = 0.0
+    brightness: tuple = (0.75, 1.25)
+    p_contrast: float = 0.0
+    contrast: tuple = (0.75, 1.25)
+    p_lowres: float = 0.0
+    lowres_zoom: tuple = (0.5, 1.0)
+    p_gamma: float = 0.0
+    p_gamma_inverted: float = 0.0
+    gamma: tuple = (0.7, 1.5)
 
     @classmethod
     def none(cls):
         return cls(p_spatial=0, p_elastic=0, p_mirror=0, p_intensity=0, p_noise=0)
+
+    @classmethod
+    def nnunet(cls, **overrides):
+        """nnU-Net v2's default augmentation probabilities (see the module docstring)."""
+        base = dict(p_spatial=0.0, p_rotation=0.2, p_scaling=0.2, scale=(0.7, 1.4), p_elastic=0.0,
+                    p_intensity=0.0, p_noise=0.1, noise_sd=0.1 ** 0.5, p_blur=0.2, p_brightness=0.15,
+                    p_contrast=0.15, p_lowres=0.25, p_gamma=0.3, p_gamma_inverted=0.1)
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        if name == "nnunet":
+            return cls.nnunet(**overrides)
+        if name in ("legacy", "default"):
+            return cls(**overrides)
+        raise ValueError(f"unknown augmentation preset {name!r} (nnunet or legacy)")
 
 
 def _rotation(ax, ay, az):
@@ -70,12 +108,20 @@ def sample_patch(image: torch.Tensor, label: torch.Tensor | None, center_zyx, pa
     gz, gy, gx = np.meshgrid(np.arange(pz) - (pz - 1) / 2, np.arange(py) - (py - 1) / 2,
                              np.arange(px) - (px - 1) / 2, indexing="ij")
     off_mm = np.stack([gx * sp[2], gy * sp[1], gz * sp[0]], -1)  # (z,y,x,3) in x,y,z order
-    spatial = rng.random() < params.p_spatial
-    if spatial:
-        ang = np.deg2rad([rng.uniform(-params.rot_xy_deg, params.rot_xy_deg),
-                          rng.uniform(-params.rot_xy_deg, params.rot_xy_deg),
-                          rng.uniform(-params.rot_z_deg, params.rot_z_deg)])
-        m = _rotation(*ang) * rng.uniform(*params.scale)
+    if params.p_rotation is None and params.p_scaling is None:  # first recipe: both together
+        rotate = scale = rng.random() < params.p_spatial
+    else:
+        rotate = rng.random() < (params.p_rotation or 0.0)
+        scale = rng.random() < (params.p_scaling or 0.0)
+    if rotate or scale:
+        m = np.eye(3)
+        if rotate:
+            ang = np.deg2rad([rng.uniform(-params.rot_xy_deg, params.rot_xy_deg),
+                              rng.uniform(-params.rot_xy_deg, params.rot_xy_deg),
+                              rng.uniform(-params.rot_z_deg, params.rot_z_deg)])
+            m = _rotation(*ang)
+        if scale:
+            m = m * rng.uniform(*params.scale)
         off_mm = off_mm @ m.T
     if rng.random() < params.p_elastic:
         coarse = torch.from_numpy(rng.normal(0, params.elastic_mm, (1, 3, 4, 4, 4)).astype(np.float32))
@@ -121,4 +167,59 @@ def sample_patch(image: torch.Tensor, label: torch.Tensor | None, center_zyx, pa
         img = img * rng.uniform(*params.int_scale) + rng.uniform(-params.int_shift, params.int_shift)
     if rng.random() < params.p_noise:
         img = img + torch.randn_like(img) * rng.uniform(0, params.noise_sd)
+    img = _nnunet_intensity(img, rng, params)
     return img, lab, ext
+
+
+def _gaussian_blur(img: torch.Tensor, sigmas) -> torch.Tensor:
+    """Separable Gaussian blur of a (1, z, y, x) image; ``sigmas`` in voxels per axis (z, y, x)."""
+    out = img[None]
+    for axis, sd in enumerate(sigmas):
+        if sd <= 0:
+            continue
+        r = max(1, int(math.ceil(3 * sd)))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sd) ** 2)
+        k = (k / k.sum()).view(1, 1, *[-1 if a == axis else 1 for a in range(3)])
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), k)
+    return out[0]
+
+
+def _gamma(img: torch.Tensor, g: float, invert: bool) -> torch.Tensor:
+    """nnU-Net's gamma transform with retained mean and SD (optionally on the inverted image)."""
+    x = -img if invert else img
+    mean, sd = x.mean(), x.std()
+    lo, hi = x.min(), x.max()
+    rng_ = (hi - lo).clamp(min=1e-7)
+    x = ((x - lo) / rng_) ** g * rng_ + lo
+    x = (x - x.mean()) / x.std().clamp(min=1e-7) * sd + mean
+    return -x if invert else x
+
+
+def _nnunet_intensity(img: torch.Tensor, rng: np.random.Generator, p: AugmentParams) -> torch.Tensor:
+    """Blur, brightness, contrast, low-resolution simulation and gamma, in nnU-Net's order."""
+    if p.p_blur and rng.random() < p.p_blur:
+        img = _gaussian_blur(img, [rng.uniform(*p.blur_sigma) if rng.random() < 0.5 else 0.0 for _ in range(3)])
+    if p.p_brightness and rng.random() < p.p_brightness:
+        img = img * rng.uniform(*p.brightness)
+    if p.p_contrast and rng.random() < p.p_contrast:
+        mean, lo, hi = img.mean(), img.min(), img.max()
+        img = ((img - mean) * rng.uniform(*p.contrast) + mean).clamp(lo, hi)
+    if p.p_lowres and rng.random() < p.p_lowres:
+        shape = img.shape[1:]
+        zoom = rng.uniform(*p.lowres_zoom)
+        small = [max(1, int(round(s * zoom))) for s in shape]
+        low = F.interpolate(img[None], size=small, mode="nearest")
+        img = F.interpolate(low, size=tuple(shape), mode="trilinear", align_corners=False)[0]
+    if p.p_gamma_inverted and rng.random() < p.p_gamma_inverted:
+        img = _gamma(img, _draw_gamma(rng, p.gamma), invert=True)
+    if p.p_gamma and rng.random() < p.p_gamma:
+        img = _gamma(img, _draw_gamma(rng, p.gamma), invert=False)
+    return img
+
+
+def _draw_gamma(rng: np.random.Generator, gamma_range) -> float:
+    """nnU-Net: half of the draws below 1, half above (so < 1 is as likely as > 1)."""
+    lo, hi = gamma_range
+    return rng.uniform(lo, 1.0) if (rng.random() < 0.5 and lo < 1) else rng.uniform(max(lo, 1.0), hi)

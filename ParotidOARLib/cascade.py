@@ -244,19 +244,21 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         man = bundle.manifest
         device = select_device(options.device)
         threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
-        net1 = bundle.model("stage1", device)
-        net2 = bundle.model("stage2", device)
+        # stage 1 alone (parotid_only) needs no stage-2 network: whole-volume validation during
+        # stage-1 training runs this path with a stage-1-only bundle
+        needed = ("stage1",) if parotid_only else ("stage1", "stage2")
+        nets = {st: bundle.model(st, device) for st in needed}
         if device.type == "cpu":
-            optimise_for_cpu(net1)
-            optimise_for_cpu(net2)
-    for st in ("stage1", "stage2"):
+            for net in nets.values():
+                optimise_for_cpu(net)
+        net1, net2 = nets["stage1"], nets.get("stage2")
+    for st in needed:
         div = man.architecture(st).divisor
         if any(p % d for p, d in zip(inference_patch(man, st), div)):
             from .errors import ModelError
             raise ModelError(f"Bundle {bundle.directory}: {st} patch {inference_patch(man, st)} is not a multiple of "
                              f"the network's {div}. Fix the manifest or retrain.")
-    stage2_labels = man.labels("stage2")[1:]
-    unknown = [n for n in stage2_labels if n not in labels.OARS]
+    unknown = [] if parotid_only else [n for n in man.labels("stage2")[1:] if n not in labels.OARS]
     if unknown or man.labels("stage1")[1:] != [labels.PAROTID]:
         from .errors import ModelError
         raise ModelError(f"Bundle {bundle.directory} has labels {man.labels('stage1')} / {man.labels('stage2')}; "

@@ -88,6 +88,16 @@ class TrainConfig:
     init_checkpoint: str = ""  # start from these weights (fine-tuning); ignored when resuming
     stop_after_epoch: int = 0  # stop (resumably) after this epoch, e.g. to train in chunks; 0 = run to the end
     progress: bool = True
+    #: "sample": each sample is foreground-centred with probability ``fg_fraction`` (first recipe);
+    #: "batch": nnU-Net's rule — the last ``round(batch * fg_fraction)`` samples (at least one) of
+    #: every batch are foreground-centred, so no batch lacks the foreground
+    fg_mode: str = "sample"
+    augment_preset: str = "legacy"  # "legacy" (first recipe) or "nnunet" (augment.AugmentParams.nnunet)
+    #: with ``max_minutes``: True = the poly decay also follows the wall clock (first recipe);
+    #: False = the lr follows the iteration count only and ``max_minutes`` just stops (resumably)
+    lr_by_time: bool = True
+    #: whole-volume validation every N epochs through the inference path (``volume_validator``); 0 = never
+    val_every: int = 0
 
 
 # ---------------------------------------------------------------------------------
@@ -138,13 +148,19 @@ def _item_from_npz(path: Path) -> dict:
     return d
 
 
-def stage1_item(sample, spacing=STAGE1_SPACING) -> dict:
-    """Load one dataset sample → stage-1 item (side crop on the stage-1 grid)."""
+def stage1_item(sample, spacing=STAGE1_SPACING, side_cut: str = "ct") -> dict:
+    """Load one dataset sample → stage-1 item (side crop on the stage-1 grid).
+
+    ``side_cut="ct"`` finds the body midline from the CT (> −400 HU), exactly as ``segment`` does;
+    ``"body"`` uses the dataset's Body mask (the first recipe; OpenKBP's Body is the dose region,
+    up to 11.8 mm off the CT's midline)."""
     from . import dataset
     from .stageprep import stage1_arrays
 
+    if side_cut not in ("ct", "body"):
+        raise ValueError(f"side_cut must be 'ct' or 'body', got {side_cut!r}")
     ct, g, masks, side = dataset.load_sample(sample)
-    body = masks.get("Body")
+    body = masks.get("Body") if side_cut == "body" else None
     keep = {"Parotid": masks["Parotid"]}
     if "Mandible" in masks:
         keep["Mandible"] = masks["Mandible"]
@@ -156,6 +172,51 @@ def stage1_item(sample, spacing=STAGE1_SPACING) -> dict:
     if "Mandible" in m1:
         out["mandible"] = m1["Mandible"]
     return out
+
+
+class Stage1VolumeValidator:
+    """Whole-volume stage-1 validation through the inference path: ``cascade.run(parotid_only=True)``
+    with the network being trained — the same side cut, grid, sliding window and post-processing
+    as ``segment`` — scored by DSC against each sample's reference parotid on the CT's own grid.
+
+    The samples are loaded once (OpenKBP: ~6 MB per side)."""
+
+    def __init__(self, samples, spacing, patch, threads: int | None = None, log=print):
+        from . import dataset
+
+        self.spacing, self.patch, self.threads = tuple(spacing), tuple(int(v) for v in patch), threads or None
+        self.cases = []
+        for s in samples:
+            ct, g, masks, side = dataset.load_sample(s)
+            self.cases.append((s.patient, side, ct, g, np.asarray(masks["Parotid"], bool)))
+        log(f"whole-volume validation: {len(self.cases)} samples")
+
+    def __call__(self, model, norm: dict) -> dict:
+        import copy
+
+        from . import bundle as bundle_mod, cascade
+        from .errors import EmptyStructureError
+
+        device = next(model.parameters()).device
+        net = copy.deepcopy(model).float().eval()
+        spec = bundle_mod.stage_spec(["background", L.PAROTID], self.spacing, norm, self.patch, net.config)
+        man = bundle_mod.Manifest(name="training-validation", version="0", stages={"stage1": spec})
+        bun = bundle_mod.Bundle("<in-memory>", man)
+        dev_name = "cuda" if device.type == "cuda" else "cpu"
+        bun._models[("stage1", str(torch.device(dev_name)))] = net
+        rows = []
+        for patient, side, ct, g, ref in self.cases:
+            opts = cascade.SegmentOptions(side=side, device=dev_name, threads=self.threads)
+            try:
+                pred = cascade.run(ct, g, opts, bundle=bun, parotid_only=True).masks[L.PAROTID]
+                inter = float(np.count_nonzero(pred & ref))
+                dsc = 2 * inter / max(float(np.count_nonzero(pred) + np.count_nonzero(ref)), 1.0)
+            except EmptyStructureError:
+                dsc = 0.0
+            rows.append({"patient": patient, "side": side, "dsc": round(dsc, 4)})
+        d = np.array([r["dsc"] for r in rows], float)
+        return {"mean_dsc": float(d.mean()) if d.size else 0.0, "median_dsc": float(np.median(d)) if d.size else 0.0,
+                "sd_dsc": float(d.std()) if d.size else 0.0, "n": int(d.size), "rows": rows}
 
 
 def stage2_item(sample, spacing=STAGE2_SPACING, margin_mm: float = L.ROI_MARGIN_MM_DEFAULT) -> dict:
@@ -296,11 +357,25 @@ def prepare(items: list[dict], norm: dict, stage: int, patch, jitter_mm: float =
     return out
 
 
-def sample_batch(items, batch_size, patch, rng, fg_fraction, aug: AugmentParams, n_classes: int):
+def forced_foreground(i: int, batch_size: int, fg_fraction: float) -> bool:
+    """nnU-Net's ``get_do_oversample``: sample ``i`` of a batch is foreground-centred when it is among
+    the last ``batch_size - round(batch_size * (1 - fg_fraction))`` (at least the last one)."""
+    return i >= min(batch_size - 1, round(batch_size * (1 - fg_fraction)))
+
+
+def sample_batch(items, batch_size, patch, rng, fg_fraction, aug: AugmentParams, n_classes: int,
+                 fg_mode: str = "sample"):
     imgs, labs, cms = [], [], []
-    for _ in range(batch_size):
+    for i in range(batch_size):
         it = items[rng.integers(len(items))]
-        if it["fg"] and rng.random() < fg_fraction:
+        if fg_mode == "batch":
+            want_fg = forced_foreground(i, batch_size, fg_fraction)
+            if want_fg and not it["fg"]:  # an item without foreground cannot give a foreground patch
+                with_fg = [x for x in items if x["fg"]]
+                it = with_fg[rng.integers(len(with_fg))] if with_fg else it
+        else:
+            want_fg = rng.random() < fg_fraction
+        if it["fg"] and want_fg:
             c = list(it["fg"].keys())[rng.integers(len(it["fg"]))]
             centre = it["fg"][c][rng.integers(len(it["fg"][c]))].astype(float)
         else:
@@ -338,6 +413,17 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ParotidOARError("--device cuda was requested but no CUDA GPU is available. Use --device cpu.")
     return torch.device(name)
+
+
+def poly_lr(cfg: TrainConfig, iteration: int, elapsed_s: float) -> float:
+    """Poly decay ``lr·(1 − f)^0.9`` with f = iteration / (epochs × iterations per epoch). With
+    ``max_minutes`` and ``lr_by_time`` (the first recipe) f is whichever of that and the spent share of
+    the wall-clock budget is larger; the time part moves once per epoch, from the elapsed time all
+    ranks agree on, so every DDP rank takes the same step. Without ``lr_by_time`` the budget only stops."""
+    frac = iteration / max(cfg.epochs * cfg.iterations_per_epoch, 1)
+    if cfg.max_minutes and cfg.lr_by_time:
+        frac = max(frac, elapsed_s / (60 * cfg.max_minutes))
+    return cfg.lr * max(0.0, 1 - min(frac, 1.0)) ** 0.9
 
 
 def _dist_info():
@@ -412,8 +498,12 @@ def evaluate_patches(model, batches, loss_fn, device, n_classes):
 
 
 def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm: dict, resume: bool = False,
-          log=print) -> dict:
-    """Train one network. Returns the training record (also in run_dir/record.json)."""
+          log=print, volume_validator=None) -> dict:
+    """Train one network. Returns the training record (also in run_dir/record.json).
+
+    ``volume_validator(model, norm) -> {"mean_dsc": float, ...}`` (e.g. :class:`Stage1VolumeValidator`)
+    runs every ``cfg.val_every`` epochs; the checkpoint with its best mean is kept as
+    ``checkpoint_best_volume.pt``, its curve drawn to ``volume_curve.png``."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     world, rank, local_rank = _dist_info()
@@ -440,10 +530,9 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
     loss_fn = DeepSupervisionLoss(n_out)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    aug = AugmentParams(**cfg.augment) if cfg.augment else AugmentParams()
-    total_it = cfg.epochs * cfg.iterations_per_epoch
+    aug = AugmentParams.preset(cfg.augment_preset, **(cfg.augment or {}))
     state = {"iteration": 0, "epoch": 0, "best_dice": -1.0, "best_loss": float("inf"), "log": [],
-             "ema_dice": None, "elapsed_s": 0.0}
+             "ema_dice": None, "elapsed_s": 0.0, "best_volume_dsc": -1.0, "volume_log": []}
     last = run / "checkpoint_last.pt"
     if resume and last.exists():
         ck = torch.load(last, map_location=device, weights_only=False)
@@ -451,7 +540,7 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         opt.load_state_dict(ck["optimizer"])
         if use_amp and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        state = ck["state"]
+        state = {"best_volume_dsc": -1.0, "volume_log": [], **ck["state"]}
         log(f"resumed from {last} at iteration {state['iteration']} (epoch {state['epoch']})")
     else:
         if resume:
@@ -477,15 +566,11 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         t_epoch = time.time()
         losses = []
         for i in range(cfg.iterations_per_epoch):
-            frac = state["iteration"] / max(total_it, 1)
-            if cfg.max_minutes:  # time-budgeted poly decay: whichever runs out first. The time
-                # part moves once per epoch, from the elapsed time all ranks agree on, so every
-                # DDP rank takes the same optimizer step
-                frac = max(frac, state["elapsed_s"] / (60 * cfg.max_minutes))
-            lr = cfg.lr * max(0.0, 1 - min(frac, 1.0)) ** 0.9
+            lr = poly_lr(cfg, state["iteration"], state["elapsed_s"])
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
-            x, y, cm = sample_batch(train_items, cfg.batch_size, patch, rng, cfg.fg_fraction, aug, n_classes)
+            x, y, cm = sample_batch(train_items, cfg.batch_size, patch, rng, cfg.fg_fraction, aug, n_classes,
+                                    cfg.fg_mode)
             x, y, cm = x.to(device), y.to(device), cm.to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):
@@ -528,6 +613,22 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
             if vloss < state["best_loss"]:
                 state["best_loss"] = vloss
                 _atomic_torch_save({**ck, "selected_by": "lowest validation loss"}, run / "checkpoint_best_loss.pt")
+            if volume_validator is not None and cfg.val_every and state["epoch"] % cfg.val_every == 0:
+                t_val = time.time()
+                res = volume_validator(model, norm)
+                vrow = {"epoch": state["epoch"], "iteration": state["iteration"], "elapsed_s": state["elapsed_s"],
+                        "seconds": round(time.time() - t_val, 1),
+                        **{k: v for k, v in res.items() if k != "rows"}}
+                state["volume_log"].append(vrow)
+                row["volume_dsc"] = res["mean_dsc"]
+                log(f"whole-volume validation at it {state['iteration']}: mean DSC {res['mean_dsc']:.4f} "
+                    f"(median {res.get('median_dsc', float('nan')):.4f}, n={res.get('n')}, {vrow['seconds']} s)")
+                if res["mean_dsc"] > state["best_volume_dsc"]:
+                    state["best_volume_dsc"] = res["mean_dsc"]
+                    ck["state"] = state
+                    _atomic_torch_save({**ck, "selected_by": "best whole-volume validation DSC",
+                                        "volume_validation": res}, run / "checkpoint_best_volume.pt")
+                _write_volume_log(run, state["volume_log"])
             _atomic_torch_save(ck, last)
             _write_logs(run, state["log"])
             log(f"epoch {state['epoch']}/{cfg.epochs} it {state['iteration']} lr {lr:.2e} "
@@ -544,12 +645,43 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
               "iterations": state["iteration"], "iterations_per_epoch": cfg.iterations_per_epoch,
               "batch_size": cfg.batch_size, "patch": list(patch), "spacing": list(cfg.spacing),
               "best_val_dice_ema": state["best_dice"], "lowest_val_loss": state["best_loss"],
+              "best_volume_dsc": state.get("best_volume_dsc"), "volume_validation": state.get("volume_log", []),
+              "recipe": {"fg_mode": cfg.fg_mode, "fg_fraction": cfg.fg_fraction, "augment": cfg.augment_preset,
+                         "lr_by_time": cfg.lr_by_time, "lr": cfg.lr, "val_every": cfg.val_every},
               "final_val_dice_per_class": state["log"][-1]["val_dice_per_class"] if state["log"] else None,
               "train_minutes": round(state["elapsed_s"] / 60, 1), "device": str(device), "world_size": world,
               "threads": torch.get_num_threads(), "normalisation": norm, "network": net_cfg.to_dict()}
     if rank == 0:
         (run / "record.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def _write_volume_log(run: Path, rows):
+    """``volume_log.json`` and ``volume_curve.png``: whole-volume validation DSC against iterations."""
+    tmp = run / "volume_log.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1))
+    os.replace(tmp, run / "volume_log.json")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    it = [r["iteration"] for r in rows]
+    ax.plot(it, [r["mean_dsc"] for r in rows], "o-", label="mean DSC")
+    if all("median_dsc" in r for r in rows):
+        ax.plot(it, [r["median_dsc"] for r in rows], "s--", label="median DSC")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("whole-volume validation DSC")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run / "volume_curve.tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, run / "volume_curve.png")
 
 
 def _write_logs(run: Path, rows):

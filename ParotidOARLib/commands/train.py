@@ -55,7 +55,7 @@ def add_arguments(p):
     p.add_argument("--max-minutes", type=float, default=0.0, help="wall-clock budget per stage (0 = none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
-    p.add_argument("--checkpoint", default="best_dice", choices=["best_dice", "best_loss", "last"],
+    p.add_argument("--checkpoint", default="best_dice", choices=["best_dice", "best_loss", "best_volume", "last"],
                    help="which checkpoint goes into the bundle")
     p.add_argument("--base-features", type=int, default=0, help="network width (default: 16)")
     p.add_argument("--patch1", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-1 patch (voxels)")
@@ -64,6 +64,26 @@ def add_arguments(p):
     p.add_argument("--phantom-repeat", type=int, default=1,
                    help="weight of the stage-1 phantom cases in the mix (each listed N times)")
     p.add_argument("--fg-fraction", type=float, default=0.33, help="share of foreground-centred patches")
+    p.add_argument("--recipe", choices=["v1", "v2"],
+                   help="training recipe (default: v2 for stage 1, v1 for stage 2). v2 = nnU-Net's rules: the last "
+                        "sample of every batch foreground-centred, nnU-Net augmentation probabilities (no elastic; "
+                        "gamma, blur, contrast, low-resolution), lr decay by iteration count only (--max-minutes "
+                        "just stops, resumably), the side cut from the CT as in segment. v1 = the first recipe.")
+    p.add_argument("--fg-mode", choices=["sample", "batch"], help="override the recipe's foreground rule")
+    p.add_argument("--augment", choices=["legacy", "nnunet"], help="override the recipe's augmentation preset")
+    p.add_argument("--lr-schedule", choices=["iterations", "time"],
+                   help="poly lr decay over --epochs x --iterations-per-epoch (v2) or, with --max-minutes, over "
+                        "whichever of iterations and wall-clock runs out first (v1; for short pilots)")
+    p.add_argument("--side-cut", choices=["ct", "body"],
+                   help="stage 1: midline from the CT (as segment) or the dataset's Body mask (v1)")
+    p.add_argument("--spacing1", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="stage-1 grid spacing in mm (default 4 4 3)")
+    p.add_argument("--stages1", type=int, default=0,
+                   help="stage-1 resolution stages (default 4; 5 adds one more 2x2x2 downsampling)")
+    p.add_argument("--max-features", type=int, default=0, help="feature cap (default 8x --base-features, <= 128)")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="stage 1: every N epochs, segment every validation sample whole through the segment code "
+                        "path and keep the best mean DSC as checkpoint_best_volume.pt (0 = never)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -104,17 +124,48 @@ def stage1_data(args, work: Path):
         dataset.save_split(split, work / "splits.json")
     else:
         tr_s, va_s, split = _generic_split(data, args.format, args.label_map, args.exclude, work)
-    return _cached_stage_items(1, tr_s, va_s, split, work)
+    tr, va, desc = _cached_stage_items(1, tr_s, va_s, split, work, spacing=stage1_spacing(args),
+                                       side_cut=recipe(args, 1)["side_cut"])
+    return tr, va, {**desc, "validation_samples": va_s}
 
 
-def _cached_stage_items(stage: int, tr_s, va_s, split: dict, work: Path):
-    """Build (or reuse) the cached stage-``stage`` items of the split's samples → (train, validation, record)."""
+def stage1_spacing(args) -> tuple:
     from .. import training
 
-    spacing, build = ((training.STAGE1_SPACING, training.stage1_item) if stage == 1
-                      else (training.STAGE2_SPACING, training.stage2_item))
+    return tuple(args.spacing1) if getattr(args, "spacing1", None) else training.STAGE1_SPACING
+
+
+RECIPES = {"v1": {"fg_mode": "sample", "augment": "legacy", "lr_by_time": True, "side_cut": "body"},
+           "v2": {"fg_mode": "batch", "augment": "nnunet", "lr_by_time": False, "side_cut": "ct"}}
+
+
+def recipe(args, stage: int) -> dict:
+    """The stage's recipe (``--recipe``, default v2 for stage 1 and v1 for stage 2) with overrides."""
+    name = getattr(args, "recipe", None) or ("v2" if stage == 1 else "v1")
+    r = {"name": name, **RECIPES[name]}
+    for k in ("fg_mode", "augment", "side_cut"):
+        if getattr(args, k, None):
+            r[k] = getattr(args, k)
+    if getattr(args, "lr_schedule", None):
+        r["lr_by_time"] = args.lr_schedule == "time"
+    return r
+
+
+def _cached_stage_items(stage: int, tr_s, va_s, split: dict, work: Path, spacing=None, side_cut="body"):
+    """Build (or reuse) the cached stage-``stage`` items of the split's samples → (train, validation, record)."""
+    import functools
+
+    from .. import training
+
+    if stage == 1:
+        spacing = tuple(spacing or training.STAGE1_SPACING)
+        build = functools.partial(training.stage1_item, spacing=spacing, side_cut=side_cut)
+        tag = f"s1-{spacing}" + ("" if side_cut == "body" else f"-cut-{side_cut}")
+    else:
+        spacing, build = training.STAGE2_SPACING, training.stage2_item
+        tag = f"s{stage}-{spacing}"
     _log(f"stage-{stage} cache: {len(tr_s)} train + {len(va_s)} validation samples")
-    cache, tag = work / "cache" / f"stage{stage}", f"s{stage}-{spacing}"
+    cache = work / "cache" / f"stage{stage}"
     tr = training.cached_items(tr_s, build, cache, tag, _log)
     va = training.cached_items(va_s, build, cache, tag, _log)
     k = f"stage{stage}_"
@@ -162,10 +213,12 @@ def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
         seed = seed0 + i
         sp = PHANTOM_SPACINGS[i % len(PHANTOM_SPACINGS)] if seed0 < 200000 else (0.98, 0.98, 2.0)
         if stage == 1:
-            p = work / "cache" / "stage1-phantom" / f"phantom_{seed}_{args.phantom_size}.npz"
+            sp1 = stage1_spacing(args)
+            suffix = "" if sp1 == training.STAGE1_SPACING else "_" + "x".join(f"{v:g}" for v in sp1)
+            p = work / "cache" / "stage1-phantom" / f"phantom_{seed}_{args.phantom_size}{suffix}.npz"
             if not p.exists():
                 p.parent.mkdir(parents=True, exist_ok=True)
-                it = training.phantom_stage1_item(seed, spacing_case=sp, size=args.phantom_size)
+                it = training.phantom_stage1_item(seed, spacing_case=sp, size=args.phantom_size, stage_spacing=sp1)
                 training._save_npz(p, meta_json=np.array(json.dumps(it["meta"])),
                                    **{k: v for k, v in it.items() if hasattr(v, "dtype")})
             items.append(training._item_from_npz(p))
@@ -188,22 +241,33 @@ def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
 def _cfg(args, stage, run_dir, spacing, patch, network=None):
     from .. import training
 
-    if network is None and getattr(args, "base_features", 0):
+    n_stages = getattr(args, "stages1", 0) if stage == 1 else 0
+    if network is None and (getattr(args, "base_features", 0) or n_stages or getattr(args, "max_features", 0)):
         net = training.default_config(stage)
-        net.base_features = args.base_features
-        net.max_features = min(net.max_features, 8 * args.base_features)
+        if args.base_features:
+            net.base_features = args.base_features
+            net.max_features = min(net.max_features, 8 * args.base_features)
+        if getattr(args, "max_features", 0):
+            net.max_features = args.max_features
+        if n_stages:
+            if n_stages < 2:
+                raise ParotidOARError("--stages1 must be at least 2.")
+            net.strides = [[1, 1, 1]] + [[2, 2, 2]] * (n_stages - 1)
         network = net.to_dict()
     override = getattr(args, "patch1" if stage == 1 else "patch2", None)
     if override:
         patch = tuple(override)
 
+    r = recipe(args, stage)
     return training.TrainConfig(stage=stage, run_dir=str(run_dir), epochs=args.epochs,
                                 iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size,
                                 lr=args.lr, patch=tuple(patch), spacing=tuple(spacing), network=network or {},
                                 device=args.device, threads=args.threads, seed=args.seed,
                                 max_minutes=args.max_minutes, progress=not args.no_progress,
                                 fg_fraction=getattr(args, "fg_fraction", 0.33),
-                                init_checkpoint=getattr(args, "init_from", ""))
+                                init_checkpoint=getattr(args, "init_from", ""), fg_mode=r["fg_mode"],
+                                augment_preset=r["augment"], lr_by_time=r["lr_by_time"],
+                                val_every=getattr(args, "val_every", 0) if stage == 1 else 0)
 
 
 def _init_distributed():
@@ -279,10 +343,18 @@ def _run(args, world: int, rank: int) -> int:
                 tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args) * max(1, args.phantom_repeat)
                 desc["stage1_phantom_cases"] = args.stage1_phantom_cases
         norm = training.compute_normalisation(tr)
-        cfg = _cfg(args, 1, work / "stage1", training.STAGE1_SPACING, training.STAGE1_PATCH)
-        _log(f"stage 1: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
+        val_samples = desc.pop("validation_samples", [])
+        cfg = _cfg(args, 1, work / "stage1", stage1_spacing(args), training.STAGE1_PATCH)
+        _log(f"stage 1: {len(tr)} training items, {len(va)} validation items, recipe {recipe(args, 1)}, "
+             f"normalisation {norm}")
+        validator = None
+        if cfg.val_every and rank == 0:
+            if not val_samples:
+                raise ParotidOARError("--val-every needs validation samples; the split has none.")
+            validator = training.Stage1VolumeValidator(val_samples, cfg.spacing, cfg.patch,
+                                                       threads=args.threads or None, log=_log)
         rec = training.train(cfg, training.prepare(tr, norm, 1, cfg.patch), training.prepare(va, norm, 1, cfg.patch),
-                             norm, resume=args.resume, log=_log)
+                             norm, resume=args.resume, log=_log, volume_validator=validator)
         rec.update(desc)
         rec["command_line"] = cmdline
         rec["data"] = str(args.data)
