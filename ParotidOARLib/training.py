@@ -761,3 +761,37 @@ def write_bundle(out_dir, stage1_run, stage2_run, *, name="parotid-oar-research-
         created=datetime.date.today().isoformat())
     return bundle.save_bundle(out_dir, manifest, {"stage1": c1["model"], "stage2": c2["model"]}, half=True,
                               force=force)
+
+
+def replace_stage_in_bundle(base_dir, stage: str, run_dir, out_dir, *, version: str, which: str = "best_volume",
+                            record: dict | None = None, data_description: dict | None = None,
+                            force: bool = False) -> Path:
+    """A new bundle from an existing one with one stage's network replaced by a training run's
+    checkpoint (``checkpoint_<which>.pt``); the other stage is kept byte for byte in value (fp16).
+    The replaced stage's training record (``record``) goes into the manifest; the old one is kept
+    under ``training.history``."""
+    import copy
+    import datetime
+
+    from . import bundle
+
+    base = bundle.load_bundle(base_dir, verify=True)
+    man = copy.deepcopy(base.manifest)
+    ck = load_checkpoint(run_dir, which)
+    labels = man.labels(stage)
+    spec = bundle.stage_spec(labels, ck["spacing"], ck["normalisation"], ck["patch"], ck["network"],
+                             context_mm=man.stage(stage).get("context_mm"))
+    man.stages[stage] = spec
+    st = ck["state"]
+    rec = {"epochs": st["epoch"], "iterations": st["iteration"], "checkpoint": ck.get("selected_by", "last"),
+           "best_volume_dsc": st.get("best_volume_dsc"), "train_minutes": round(st["elapsed_s"] / 60, 1),
+           **(record or {})}
+    history = list(man.training.get("history", []))
+    history.append({"version": man.version, stage: man.training.get(stage)})
+    man.training = {**man.training, stage: rec, "history": history, "git_commit": git_commit()}
+    man.version = version
+    man.created = datetime.date.today().isoformat()
+    if data_description is not None:
+        man.data = data_description
+    states = {s: (ck["model"] if s == stage else base.state_dict(s)) for s in bundle.STAGES}
+    return bundle.save_bundle(out_dir, man, states, half=True, force=force)

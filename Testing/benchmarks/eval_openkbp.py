@@ -41,6 +41,8 @@ def main(argv=None):
                          "(writes eval_openkbp_components.json)")
     ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
     ap.add_argument("--parotid-only", action="store_true", help="stage 1 only (no mandible coverage figures)")
+    ap.add_argument("--baseline", help="an earlier eval_openkbp JSON: paired tests per side (DSC, surface DSC, "
+                                        "HD95) against it, e.g. results/eval_openkbp_1.2.0.json")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_openkbp.json"))
     args = ap.parse_args(argv)
     from ParotidOARLib import cascade, dataset, labels as L, metrics
@@ -94,6 +96,11 @@ def main(argv=None):
            "rows": rows, "surface_dsc_tolerance_mm": 2.85,
            "note": "Mean ± SD over patient sides. Stage 2 was trained on phantoms only; ramus + condyle is "
                    "compared with the whole in-ROI mandible (which also holds part of the mandibular body)."}
+    if args.baseline:
+        out["paired_vs_baseline"] = paired_vs_baseline(rows, args.baseline)
+        for k, t in out["paired_vs_baseline"]["tests"].items():
+            print(f"vs {out['paired_vs_baseline']['model']}: {k} {t['mean_a']:.4f} vs {t['mean_b']:.4f} "
+                  f"({t['test']}, p = {t['p_value']:.3g}, n = {t['n']})")
     p = Path(args.out)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=1, default=float))
@@ -102,6 +109,21 @@ def main(argv=None):
           f"{summary['mandible_recall']['mean']:.3f}, precision {summary['mandible_precision']['mean']:.3f}")
     print(f"wrote {p}")
     return 0
+
+
+def paired_vs_baseline(rows, baseline_path) -> dict:
+    """Paired tests (``metrics.paired_test``: t-test or Wilcoxon after a normality check) of this run's
+    per-side DSC, surface DSC and HD95 against an earlier run's, matched by (patient, side)."""
+    from ParotidOARLib import metrics
+
+    base = json.loads(Path(baseline_path).read_text())
+    index = {(r["patient"], r["side"]): r for r in base["rows"]}
+    pairs = [(r, index[(r["patient"], r["side"])]) for r in rows if (r["patient"], r["side"]) in index]
+    tests = {k: metrics.paired_test([a.get(k) for a, _ in pairs], [b.get(k) for _, b in pairs])
+             for k in ("dsc", "surface_dsc", "hd95_mm")}
+    better = sum(1 for a, b in pairs if (a.get("dsc") or 0) > (b.get("dsc") or 0))
+    return {"model": base.get("model"), "file": Path(baseline_path).name, "n_pairs": len(pairs),
+            "sides_with_higher_dsc": better, "tests": tests}
 
 
 # (min_cc, max_gap_mm) rules compared by --component-study; the shipped default is one of them
