@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, labels, preprocess, progress as progress_mod, roi as roi_mod
-from .errors import EmptyStructureError, InputError, OutputExistsError
+from .errors import EmptyStructureError, GeometryError, InputError, OutputExistsError
 from .imageio import Geometry
 
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
@@ -572,7 +572,7 @@ def read_parotid(path, geometry: Geometry) -> np.ndarray:
     """A parotid contour file → bool mask on the CT grid ``geometry``: a ``.seg.nrrd`` (the segment named
     Parotid, or its only segment) or a binary mask image (NRRD/NIfTI/MHA). Another grid is resampled
     (nearest neighbour, physical space)."""
-    from .commands.evaluate import load_masks, resample_masks_to
+    from .segio import load_masks, lost_in_resampling, resample_masks_to
 
     masks, geom, _kind = load_masks(path)
     if len(masks) > 1:
@@ -584,7 +584,15 @@ def read_parotid(path, geometry: Geometry) -> np.ndarray:
         masks = {named[0]: masks[named[0]]}
     (mask,) = masks.values()
     if not geom.same_grid(geometry):
-        mask = resample_masks_to({"parotid": mask}, geom, geometry)["parotid"]
+        try:
+            resampled = resample_masks_to({"parotid": mask}, geom, geometry)
+        except GeometryError as exc:
+            raise InputError(f"The parotid contour {path} does not lie on the CT: {exc}") from None
+        lost = lost_in_resampling({"parotid": mask}, geom, resampled, geometry)
+        if lost:
+            raise InputError(f"The parotid contour {path} lies outside the CT: {lost[0]}. Check that the "
+                             "contour was drawn on this CT.")
+        mask = resampled["parotid"]
     return mask
 
 

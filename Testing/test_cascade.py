@@ -452,3 +452,23 @@ def test_given_parotid_replaces_stage_1(tiny_bundle, tmp_path, capsys):
                    "--device", "cpu", "--parotid", str(par)])
         assert rc != 0 and msg in capsys.readouterr().err
         assert not out2.exists()
+
+
+def test_parotid_contour_outside_the_ct_says_where(tmp_path):
+    """Issue #15 fault 8b: a --parotid contour that lies outside the CT is not called 'empty'; the message
+    says where the contour and the CT lie."""
+    g = Geometry((40, 40, 20), (3.0, 3.0, 4.0), (0.0, 0.0, 0.0))
+    k, j, i = np.indices(g.shape)
+    blob = (abs(k - 10) < 4) & (abs(j - 20) < 5) & (abs(i - 20) < 5)
+    far = Geometry(g.size, g.spacing, (500.0, 0.0, 0.0))
+    seg = segio.write_seg(tmp_path / "far.seg.nrrd", {labels.PAROTID: blob}, far)
+    with pytest.raises(InputError, match=r"does not lie on the CT.*do not overlap.*x 498\.5\.\.618\.5"):
+        cascade.read_parotid(seg, g)
+    wide = Geometry((80, 40, 20), g.spacing, (-120.0, 0.0, 0.0))  # overlaps the CT; the blob does not
+    outside = np.concatenate([blob, np.zeros_like(blob)], axis=2)  # x -73.5..-46.5 mm
+    seg = segio.write_seg(tmp_path / "wide.seg.nrrd", {labels.PAROTID: outside}, wide)
+    with pytest.raises(InputError, match=r"lies outside the CT: 'parotid' \(.* cc\) lies at x -73\.5\.\.-46\.5"):
+        cascade.read_parotid(seg, g)
+    inside = np.roll(outside, 40, axis=2)  # the same blob moved onto the CT: accepted, on the CT's grid
+    seg = segio.write_seg(tmp_path / "in.seg.nrrd", {labels.PAROTID: inside}, wide)
+    assert cascade.read_parotid(seg, g).sum() == blob.sum()
