@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, labels, preprocess, progress as progress_mod, roi as roi_mod
-from .errors import EmptyStructureError, GeometryError, InputError, OutputExistsError
+from . import __version__, imageio, labels, preprocess, progress as progress_mod, roi as roi_mod
+from .errors import EmptyStructureError, GeometryError, InputError
 from .imageio import Geometry
 
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
@@ -457,21 +457,6 @@ def _input_box(geometry: Geometry, lo_lps, hi_lps):
 
 
 # --------------------------------------------------------------------------- file → file
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.part-{os.getpid()}")
-
-
-def check_outputs(paths, force: bool) -> None:
-    for p in paths:
-        if p is None:
-            continue
-        p = Path(p)
-        if p.exists() and not force:
-            raise OutputExistsError(f"{p} already exists. Choose another output or pass --force to replace it.")
-        if not p.parent.exists():
-            raise InputError(f"Output folder {p.parent} does not exist. Create it first.")
-
-
 #: reader metadata copied into the JSON report (an allow-list, so identifiers never leak into it)
 _REPORT_INPUT_KEYS = ("format", "modality", "study_instance_uid", "series_instance_uid",
                       "frame_of_reference_uid", "resampled", "warnings", "original_dtype")
@@ -493,7 +478,7 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     if not input_path.exists():
         raise InputError(f"Input not found: {input_path}. Check the path.")
     outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
-    check_outputs(outputs, options.force)
+    imageio.check_outputs(outputs, options.force)  # every output writable, before any work
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
         raise InputError("--rtstruct/--dicom-seg need the input to be a DICOM CT series folder (they reference "
                          f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
@@ -519,26 +504,23 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     del array
 
     t_write = time.perf_counter()
-    temps: list[tuple[Path, Path]] = []
-    try:
-        tmp = _tmp_sibling(out_path)
+    # every output goes to a temporary sibling; all are published only when all are written, and never
+    # over a file that exists (even one that appeared during the run) unless --force
+    with imageio.staged_outputs(outputs, options.force) as (seg_tmp, report_tmp, rtstruct_tmp, dicom_seg_tmp):
         header = {"ParotidOAR_Model": result.report["model"]["id"], "ParotidOAR_Version": __version__,
                   "ParotidOAR_Side": result.side}
         if result.report["notice"]:
             header["ParotidOAR_Notice"] = result.report["notice"]
-        segio.write_seg(tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
-        temps.append((tmp, out_path))
+        segio.write_seg(seg_tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
         if progress:
             progress(95, "write")
         from . import dicomseg, rtstruct  # (highdicom, pydicom are imported only when writing)
 
-        for path, write, extra in ((rtstruct_path, rtstruct.write_rtstruct, {"include_roi": True}),
-                                   (dicom_seg_path, dicomseg.write_dicom_seg, {})):
-            if path:
-                tmp = _tmp_sibling(Path(path))
+        for tmp, write, extra in ((rtstruct_tmp, rtstruct.write_rtstruct, {"include_roi": True}),
+                                  (dicom_seg_tmp, dicomseg.write_dicom_seg, {})):
+            if tmp:
                 write(tmp, result.all_masks(), geometry, input_path, series_uid=options.series_uid, force=True,
                       side=result.side, **extra)
-                temps.append((tmp, Path(path)))
         report = result.report
         # Only what is needed to link the outputs to their input: no patient identifiers, no per-slice UIDs.
         report["input"] = {"path": str(input_path),
@@ -550,19 +532,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
         report["timings"]["write"] = round(time.perf_counter() - t_write, 4)
         report["timings"]["total"] = round(time.perf_counter() - t0, 4)
         report["peak_memory"] = peak_memory(_device_of(report))
-        if report_path:
-            tmp = _tmp_sibling(Path(report_path))
-            tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-            temps.append((tmp, Path(report_path)))
-        for tmp, final in temps:
-            os.replace(tmp, final)
-        temps = []
-    finally:
-        for tmp, _final in temps:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
+        if report_tmp:
+            report_tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     if progress:
         progress(100, "write")
     return report

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from . import labels
-from .errors import GeometryError, InputError, OutputExistsError
-from .imageio import Geometry, atomic_file
+from .errors import GeometryError, InputError
+from .imageio import Geometry, atomic_file, check_output
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -50,10 +50,7 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     import slicerio
 
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists. Choose another output or pass --force to replace it.")
-    if not path.parent.exists():
-        raise InputError(f"Output folder {path.parent} does not exist. Create it first.")
+    check_output(path, force)
     seg = slicerio.create_segmentation(geometry.size, geometry.ijk_to_lps, dtype="uint8")
     seg["conversionParameters"] = [{"name": "Reference image geometry",
                                     "value": reference_geometry_string(geometry),
@@ -64,7 +61,7 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     for key, value in (extra_header or {}).items():
         seg[key] = str(value)
     seg["voxels"], seg["segments"] = _pack_layers(masks, geometry, side)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force=force) as tmp:
         slicerio.write_segmentation(str(tmp), seg, compression_level=1)
     return path
 

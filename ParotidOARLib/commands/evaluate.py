@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeometryError, InputError, OutputExistsError
+from ..errors import GeometryError, InputError
 
 
 def add_arguments(parser):
@@ -106,10 +106,9 @@ def evaluate(pred_path, ref_path, segments=None, name_map=None, pred_name_map=No
 
 def run(args) -> int:
     from .. import metrics
+    from ..imageio import check_outputs
 
-    for out in (args.json, args.csv):
-        if out and Path(out).exists() and not args.force:
-            raise OutputExistsError(f"{out} already exists. Choose another output or pass --force to replace it.")
+    check_outputs([args.json, args.csv], args.force)  # before any work
     result = evaluate(args.pred, args.ref, segments=args.segments, name_map=parse_name_map(args.name_map),
                       pred_name_map=parse_name_map(args.pred_name_map),
                       ref_name_map=parse_name_map(args.ref_name_map), name=args.name,
