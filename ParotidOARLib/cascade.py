@@ -229,12 +229,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
     timer = _Timer()
     t_total = time.perf_counter()
-    side = preprocess.check_side(options.side)
-    margin = float(options.roi_margin_mm)
-    if not np.isfinite(margin) or margin <= 0:
-        raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
-    if not (0.0 < float(options.step) <= 1.0):
-        raise InputError(f"--step must be in (0, 1], got {options.step}.")
+    side, margin = check_options(options)
     preprocess.validate_ct(array, geometry, name)
     array = preprocess.to_int16(array)
 
@@ -361,6 +356,20 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     return CascadeResult(masks, roi, roi_name, crop_box, report, geometry, side)
 
 
+def check_options(options: SegmentOptions) -> tuple[str, float]:
+    """Validate the options a user can get wrong (before any work); returns (side, margin in mm)."""
+    from .inference import check_threads
+
+    side = preprocess.check_side(options.side)
+    margin = float(options.roi_margin_mm)
+    if not np.isfinite(margin) or margin <= 0:
+        raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
+    if not (0.0 < float(options.step) <= 1.0):
+        raise InputError(f"--step must be in (0, 1], got {options.step}.")
+    check_threads(options.threads)
+    return side, margin
+
+
 def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer):
     """Stage 1 on the side crop → the parotid on the input grid (post-processed, operated side only)."""
     from .inference import sliding_window
@@ -477,6 +486,7 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     out_path = Path(out_path)
     if not input_path.exists():
         raise InputError(f"Input not found: {input_path}. Check the path.")
+    check_options(options)
     outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
     imageio.check_outputs(outputs, options.force)  # every output writable, before any work
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():

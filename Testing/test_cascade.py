@@ -250,6 +250,31 @@ def test_device_errors():
         inference.select_device("tpu")
 
 
+def test_bad_thread_counts_fail_clearly(rotated_case, tiny_bundle, tmp_path, capsys):
+    """Issue #15 fault 6: `--threads -1` (or 0) is a one-line error before any work, not a traceback from
+    torch.set_num_threads; `train --threads -1` too."""
+    import torch
+
+    from ParotidOARLib import inference
+
+    path, _ct, _g = rotated_case
+    before = torch.get_num_threads()
+    for bad in ("-1", "0"):
+        out = tmp_path / "o.seg.nrrd"
+        rc = main(["segment", str(path), "--side", "left", "--out", str(out), "--model", str(tiny_bundle),
+                   "--device", "cpu", "--threads", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--threads must be a whole number" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    rc = main(["train", "--threads", "-1", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--threads must be a whole number" in err, err
+    assert torch.get_num_threads() == before
+    assert inference.check_threads(None) is None and inference.check_threads(3) == 3
+    with pytest.raises(InputError):
+        inference.check_threads(2.5)
+
+
 def test_sliding_window_gaussian_and_optimised_conv():
     """Window accumulation reproduces a single pass for a pointwise net; oneDNN conv = native conv."""
     import torch
