@@ -497,3 +497,47 @@ def test_parotid_contour_outside_the_ct_says_where(tmp_path):
     inside = np.roll(outside, 40, axis=2)  # the same blob moved onto the CT: accepted, on the CT's grid
     seg = segio.write_seg(tmp_path / "in.seg.nrrd", {labels.PAROTID: inside}, wide)
     assert cascade.read_parotid(seg, g).sum() == blob.sum()
+
+
+def test_thick_slices_and_a_negative_header_spacing_are_warned(tiny_bundle, tmp_path, capsys):
+    """Issue #15 faults 7c and 7d: 5 mm slices (the model was trained on at most 3 mm) and a negative spacing
+    in a MetaImage header are segmented, but with a warning on stderr and in the report."""
+    ct, g = synthetic_ct(size=(64, 60, 20), spacing=(3.0, 3.0, 5.0))
+    path = write_image(tmp_path / "ct.mha", ct, g, compress=False)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"ElementSpacing = 3 3 5", b"ElementSpacing = -3 3 5", 1))
+    out, rep = tmp_path / "o.seg.nrrd", tmp_path / "r.json"
+    rc = main(["segment", str(path), "--side", "left", "--out", str(out), "--model", str(tiny_bundle),
+               "--device", "cpu", "--report", str(rep)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warnings = json.loads(rep.read_text())["warnings"]
+    assert any("5 mm slices" in w and "at most 3 mm" in w for w in warnings), warnings
+    assert any("negative value" in w for w in warnings), warnings
+    assert all(f"warning: {w}" in err for w in warnings)
+
+
+def test_wrong_side_warning_compares_both_sides_stage1_volumes(tiny_bundle):
+    """Issue #15 fault 7e: stage 1 also runs on the other side and a chosen side whose parotid is more than
+    twice the other's is flagged. The 'parotid everywhere' bundle makes stage 1's volume the side's search
+    box; a slab of tissue that reaches the image's left border in a few slices (it does not move the
+    midline) makes the left box more than twice as wide as the right one."""
+    bundle_all = make_tiny_bundle_cached(tiny_bundle.parent, "everywhere", stage1_bias=50.0)
+    ct, g = synthetic_ct(size=(70, 60, 24), spacing=(3.0, 3.0, 4.0), semi_axes_mm=(35.0, 60.0))
+    x = g.index_to_lps(np.stack(np.meshgrid(np.arange(70), [0], [0], indexing="ij"), -1).reshape(-1, 3))[:, 0]
+    ct[2:5, 20:40, x > 0] = 40
+    mid = preprocess.body_midline_x(ct, g)
+    assert abs(mid) < 3
+    warned = cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu"),
+                         parotid_only=True).report
+    check = warned["side_check"]
+    assert check["other_cc"] < 0.5 * check["chosen_cc"], check
+    assert "looks intact" in check["warning"] and "Is the operated side right?" in check["warning"]
+    assert any("looks resected" in w for w in warned["warnings"])
+    fine = cascade.run(ct, g, cascade.SegmentOptions(side="right", model_dir=bundle_all, device="cpu"),
+                       parotid_only=True).report
+    assert fine["side_check"]["other_cc"] > fine["side_check"]["chosen_cc"] and fine["side_check"]["warning"] is None
+    assert not any("looks resected" in w for w in fine["warnings"])
+    off = cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu",
+                                                    side_check=False), parotid_only=True).report
+    assert off["side_check"] is None and "side_check" not in off["timings"]
