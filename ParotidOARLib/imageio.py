@@ -13,6 +13,7 @@ Physical coordinates are LPS millimetres, as in DICOM, ITK and Slicer.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -175,8 +176,9 @@ def temp_sibling(path, suffix: str = "") -> Path:
 
 
 def _is_own_temp(path: Path) -> bool:
-    name = path.name
-    return name.startswith(".") and f"{_TEMP_TAG}{os.getpid()}" in name
+    import re
+
+    return bool(re.fullmatch(rf"\..+{re.escape(_TEMP_TAG)}{os.getpid()}(\D.*)?", path.name))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -309,6 +311,18 @@ def publish(tmp, path, force: bool = False) -> Path:
     return path
 
 
+#: errno values that mean "this output cannot be written here" (disk or quota full, file too large,
+#: read-only, no permission, I/O error): a one-line :class:`OutputError`, not a traceback
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _output_error(exc: OSError, path: Path):
+    from .errors import OutputError
+
+    return OutputError(f"Cannot write {path}: {exc.strerror or exc}. Nothing was written; free some space or "
+                       "pick another folder.")
+
+
 @contextmanager
 def atomic_file(path, suffix: str = "", force: bool = True):
     """Yield a hidden temporary sibling of ``path``; on success publish it as ``path`` (:func:`publish`).
@@ -329,6 +343,10 @@ def atomic_file(path, suffix: str = "", force: bool = True):
     try:
         yield tmp
         publish(tmp, path, force)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise _output_error(exc, path) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -349,13 +367,17 @@ def staged_outputs(paths, force: bool = False):
             if tmp is not None:
                 publish(tmp, final, force)
                 done.append(final)
-    except BaseException:
+    except BaseException as exc:
         if not force:
             for final in done:  # created by this call (publish never replaces without force)
                 try:
                     final.unlink()
                 except OSError:
                     pass
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            where = next((p for p, t in zip(paths, temps) if t is not None and exc.filename
+                          and Path(exc.filename) == t), None) or next(p for p in paths if p is not None)
+            raise _output_error(exc, where) from None
         raise
     finally:
         for tmp in temps:

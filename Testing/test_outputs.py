@@ -147,3 +147,23 @@ def test_one_plain_temporary_name_and_stale_ones_cleaned(small_ct, tiny_bundle, 
     assert written == [f".x.seg.nrrd.part-{os.getpid()}"]
     assert not dead.exists() and alive.read_text() == "busy"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "x.seg.nrrd"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_ct, tiny_bundle, tmp_path):
+    """A write that fails half-way (here: a 1000-byte file size limit, EFBIG, as a full disk gives ENOSPC) is a
+    one-line error, not a traceback, and leaves no output and no temporary file."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    out = tmp_path / "o.seg.nrrd"
+    p = subprocess.run([sys.executable, "-m", "ParotidOARLib", "segment", str(small_ct), "--side", "left", "--out",
+                        str(out), "--report", str(tmp_path / "r.json"), "--model", str(tiny_bundle), "--device",
+                        "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and f"error: Cannot write {out}: File too large" in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == []
