@@ -51,6 +51,7 @@ from ParotidOARLib.imageio import Geometry, write_image  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
 CODE = REPO  # the checkout whose ParotidOARLib is run (--code: e.g. an older commit, to see the faults)
 TIMEOUT_S = 300
+APPEARED_TEXT = "the user's file, saved during the run"
 
 
 @dataclass
@@ -71,6 +72,7 @@ class Setup:
     signal_at: tuple | None = None  # (progress step, signal) to send mid-run
     appear_at: tuple | None = None  # (progress step, path) a file the user creates mid-run
     snippet: str | None = None  # python code instead of a CLI call
+    max_file_bytes: int | None = None  # RLIMIT_FSIZE for the run: a write past it fails (EFBIG), like a full disk
 
 
 # --------------------------------------------------------------------------- shared inputs
@@ -109,6 +111,16 @@ class Inputs:
 
 def _snapshot(paths) -> dict:
     return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths if Path(p).is_file()}
+
+
+def _small_mask(d: Path, two_labels: bool = False) -> Path:
+    """``d/m.nrrd``: a 20x20x10 mask (label 1; with ``two_labels`` also a label 2) for the evaluate cases."""
+    g = Geometry((20, 20, 10), (1.0, 1.0, 2.0))
+    m = np.zeros(g.shape, np.uint8)
+    m[2:6, 5:10, 5:10] = 1
+    if two_labels:
+        m[2:6, 12:15, 5:10] = 2
+    return write_image(d / "m.nrrd", m, g)
 
 
 # --------------------------------------------------------------------------- the cases
@@ -318,10 +330,7 @@ def cases(inp: Inputs):
 
     def eval_json_bad(target):
         def setup(d):
-            g = Geometry((20, 20, 10), (1.0, 1.0, 2.0))
-            m = np.zeros(g.shape, np.uint8)
-            m[2:6, 5:10, 5:10] = 1
-            write_image(d / "m.nrrd", m, g)
+            _small_mask(d)
             (d / "f").write_text("x")
             out = d / "f" / "m.json" if target == "file" else Path("/proc/parotidoar-bench.json")
             return Setup(["evaluate", "--pred", str(d / "m.nrrd"), "--ref", str(d / "m.nrrd"), "--json", str(out)])
@@ -342,6 +351,10 @@ def cases(inp: Inputs):
                       str(d / "f" / "rs.dcm")])
     yield Case("export-rtstruct --out under a file", "3", "error", ("is a file",)), \
         rtstruct_bad
+
+    def full_disk(d):
+        return Setup(seg("--out", d / "o.seg.nrrd", "--report", d / "r.json"), max_file_bytes=1000)
+    yield Case("disk full while writing (a 1000-byte file size limit)", "3", "error", ("cannot write",)), full_disk
 
     def after_kill(d):  # what a SIGKILL while writing leaves: temporary files of a process that is gone
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -371,7 +384,7 @@ def cases(inp: Inputs):
     # ---- #15 fault 6: threads
     yield Case("--threads -1", "6", "error", ("--threads",)), simple(
         lambda d: seg("--out", d / "o.seg.nrrd", "--threads", "-1"))
-    yield Case("--threads 0", "6", "error", ("--threads",)), simple(
+    yield Case("--threads 0 (now refused; before #15 it meant all cores)", "6", "error", ("--threads",)), simple(
         lambda d: seg("--out", d / "o.seg.nrrd", "--threads", "0"))
     yield Case("train --threads -1", "6", "error", ("--threads",)), simple(
         lambda d: ["train", "--threads", "-1", "--data", str(d), "--out", str(d / "b")])
@@ -444,10 +457,7 @@ def cases(inp: Inputs):
 
     # ---- other commands that already behaved
     def eval_exists(d):
-        g = Geometry((20, 20, 10), (1.0, 1.0, 2.0))
-        m = np.zeros(g.shape, np.uint8)
-        m[2:6, 5:10, 5:10] = 1
-        write_image(d / "m.nrrd", m, g)
+        _small_mask(d)
         (d / "m.json").write_text("{}")
         return Setup(["evaluate", "--pred", str(d / "m.nrrd"), "--ref", str(d / "m.nrrd"), "--json",
                       str(d / "m.json")], user_files=[d / "m.json"])
@@ -455,11 +465,7 @@ def cases(inp: Inputs):
         eval_exists
 
     def eval_labelmap(d):
-        g = Geometry((20, 20, 10), (1.0, 1.0, 2.0))
-        m = np.zeros(g.shape, np.uint8)
-        m[2:6, 5:10, 5:10] = 1
-        m[2:6, 12:15, 5:10] = 2
-        write_image(d / "m.nrrd", m, g)
+        _small_mask(d, two_labels=True)
         return Setup(["evaluate", "--pred", str(d / "m.nrrd"), "--ref", str(d / "m.nrrd"), "--json", str(d / "x.json")])
     yield Case("evaluate: label map without --name-map", "", "error", ("--name-map",)), eval_labelmap
     yield Case("evaluate: missing prediction", "", "error", ("not found",)), simple(
@@ -528,10 +534,22 @@ def _run(setup: Setup) -> tuple[int, str, str, float]:
         cmd = [sys.executable, "-c", setup.snippet, *setup.argv]
     else:
         cmd = [sys.executable, "-m", "ParotidOARLib", *setup.argv]
+    def preexec():
+        # SIGINT back to its default in the child: a shell's background job starts with it ignored, and Python
+        # then installs no KeyboardInterrupt handler
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if setup.max_file_bytes:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (setup.max_file_bytes, setup.max_file_bytes))
+
     if setup.signal_at is None and setup.appear_at is None:
-        p = subprocess.run(cmd, cwd=CODE, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
+        p = subprocess.run(cmd, cwd=CODE, env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S,
+                           preexec_fn=preexec)
         return p.returncode, p.stdout, p.stderr, time.perf_counter() - t0
-    proc = subprocess.Popen(cmd, cwd=CODE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=CODE, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec)
     out_lines = []
     for line in proc.stdout:
         out_lines.append(line)
@@ -541,7 +559,7 @@ def _run(setup: Setup) -> tuple[int, str, str, float]:
                 proc.send_signal(setup.signal_at[1])
                 break
             if setup.appear_at and parts[2] == setup.appear_at[0] and not setup.appear_at[1].exists():
-                setup.appear_at[1].write_text("the user's file, saved during the run")
+                setup.appear_at[1].write_text(APPEARED_TEXT)
                 setup.user_files.append(setup.appear_at[1])
     rest, err = proc.communicate(timeout=TIMEOUT_S)
     return proc.returncode, "".join(out_lines) + (rest or ""), err, time.perf_counter() - t0
@@ -565,6 +583,10 @@ def run_case(case: Case, make, root: Path) -> dict:
     if case.force:
         lost = []
     lost += [Path(p).name for p in before if not Path(p).exists()]
+    if setup.appear_at and not case.force:  # the file the user saved during the run must still be theirs
+        p = setup.appear_at[1]
+        if p.exists() and p.read_bytes() != APPEARED_TEXT.encode():
+            lost.append(p.name)
     appeared = {Path(p).name for p in setup.user_files}
     present = sorted(p.name for p in d.iterdir())
     allowed = set(case.outputs) | appeared | {n for n in had if ".part-" not in n}
