@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import labels
-from .errors import InputError, ParotidOARError
-from .imageio import atomic_file, is_image_file
+from .errors import InputError, OutputError, ParotidOARError
+from .imageio import atomic_file, check_output, is_image_file
 
 SUMMARY_NAME = "batch-summary.csv"
 TIMING_STEPS = ("read", "stage1", "stage2", "total")
@@ -194,9 +194,17 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
     from . import cascade
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"The batch output {out_dir} is a file; give a folder.")
     if not out_dir.exists():
-        out_dir.mkdir(parents=True)
+        try:
+            out_dir.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"Cannot create the batch output folder {out_dir}: {exc.strerror or exc}.") from None
     summary_path = Path(summary_path) if summary_path else out_dir / SUMMARY_NAME
+    check_output(summary_path, force=True)  # the summary is rewritten each run; the folder must be writable
+    if summary_path.parent != out_dir:
+        check_output(out_dir / SUMMARY_NAME, force=True, what="output folder")
     rows: list[dict] = []
     total = len(cases)
     try:

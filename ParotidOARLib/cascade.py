@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, labels, preprocess, progress as progress_mod, roi as roi_mod
-from .errors import EmptyStructureError, InputError, OutputExistsError
+from . import __version__, imageio, labels, preprocess, progress as progress_mod, roi as roi_mod
+from .errors import EmptyStructureError, GeometryError, InputError
 from .imageio import Geometry
 
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
@@ -44,6 +44,13 @@ MIN_COMPONENT_CC = 0.0
 MAX_COMPONENT_GAP_MM = 10.0  # chosen on OpenKBP validation (eval_openkbp.py --component-study)
 BODY_MARGIN_MM = 10.0
 MIN_SIDE_WIDTH_MM = 30.0  # the parotid lies ~40-70 mm lateral of the midline
+#: thickest slices the shipped model was trained on: OpenKBP 2-2.5 mm, phantoms 2 mm (a bundle may say
+#: otherwise in its manifest's data.max_slice_mm); thicker slices get a warning
+TRAINED_MAX_SLICE_MM = 3.0
+#: wrong-side check: the other side's stage-1 parotid below this fraction of the chosen side's (which is at
+#: least SIDE_CHECK_MIN_CC) looks resected while the chosen one looks intact
+SIDE_CHECK_RATIO = 0.5
+SIDE_CHECK_MIN_CC = 5.0
 
 
 # --------------------------------------------------------------------------- recommended architecture
@@ -95,6 +102,7 @@ class SegmentOptions:
     min_component_cc: float = MIN_COMPONENT_CC
     max_component_gap_mm: float = MAX_COMPONENT_GAP_MM
     threads: int | None = None  # CPU threads; default = usable cores
+    side_check: bool = True  # also run stage 1 (coarsely) on the other side and warn if --side looks wrong
     step: float = 0.5  # sliding-window step (fraction of the patch)
     parotid_path: str | os.PathLike | None = None  # a parotid contour to use instead of stage 1
 
@@ -229,14 +237,9 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
     timer = _Timer()
     t_total = time.perf_counter()
-    side = preprocess.check_side(options.side)
-    margin = float(options.roi_margin_mm)
-    if not np.isfinite(margin) or margin <= 0:
-        raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
-    if not (0.0 < float(options.step) <= 1.0):
-        raise InputError(f"--step must be in (0, 1], got {options.step}.")
+    side, margin = check_options(options)
+    array = preprocess.to_int16(array, name)  # (refuses NaN / infinite values)
     preprocess.validate_ct(array, geometry, name)
-    array = preprocess.to_int16(array)
 
     with timer("load_model"):
         if bundle is None:
@@ -264,17 +267,18 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         raise ModelError(f"Bundle {bundle.directory} has labels {man.labels('stage1')} / {man.labels('stage2')}; "
                          f"expected ['background', 'Parotid'] and background + {list(labels.OARS)}.")
 
+    warnings = []
+    slice_mm = float(geometry.spacing[int(np.argmax(np.abs(geometry.direction_matrix[2])))])
+    max_slice = float(man.data.get("max_slice_mm", TRAINED_MAX_SLICE_MM))
+    if slice_mm > max_slice + 1e-6:
+        warnings.append(f"{name}: {slice_mm:g} mm slices; the model was trained on slices of at most {max_slice:g} mm. "
+                        "Small structures (the ear canal, the condyle) may be missed or too small: check them, or "
+                        "use a thinner reconstruction of the scan.")
+
     # ---- preprocess: midline, side half on the stage-1 grid
     with timer("preprocess"):
         midline, midline_info = preprocess.body_midline(array, geometry)
-        lo, hi = preprocess.lps_bounds(geometry)
-        # only the body (+ BODY_MARGIN_MM of air) is searched: a 500 mm field of view is mostly air
-        blo, bhi = (np.asarray(v) for v in midline_info["body_box_lps"])
-        lo, hi = np.maximum(lo, blo - BODY_MARGIN_MM), np.minimum(hi, bhi + BODY_MARGIN_MM)
-        if side == "left":
-            lo[0] = max(lo[0], midline)
-        else:
-            hi[0] = min(hi[0], midline)
+        lo, hi = _side_box(geometry, midline, midline_info, side)
         if hi[0] - lo[0] < MIN_SIDE_WIDTH_MM:
             raise InputError(f"{name}: the patient's {side} side is not in the image (only {max(hi[0] - lo[0], 0):.0f} mm "
                              f"of it beyond the body midline at x = {midline:.1f} mm LPS; need "
@@ -293,16 +297,24 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
     # ---- stage 1 (or the given parotid)
     given = None if parotid is None else (parotid_source or "caller")
+    side_check = None
     if parotid is not None:
         parotid = _given_parotid(parotid, geometry, side, midline, name)
     else:
-        parotid = _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name,
-                                  progress, timer)
+        parotid, chosen_cc = _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline,
+                                             name, progress, timer)
+        if options.side_check:
+            with timer("side_check"):
+                side_check = _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info,
+                                         side, chosen_cc)
+            if side_check.get("warning"):
+                warnings.append(f"{name}: {side_check['warning']}")
     del x1
     if parotid_only:
         masks = {n: parotid if n == labels.PAROTID else np.zeros(geometry.shape, bool) for n in labels.STRUCTURES}
         return CascadeResult(masks, np.zeros(geometry.shape, bool), "", {},
-                             {"side": side, "timings": dict(timer.t)}, geometry, side)
+                             {"side": side, "timings": dict(timer.t), "side_check": side_check,
+                              "warnings": warnings}, geometry, side)
 
     # ---- ROI
     with timer("roi"):
@@ -351,6 +363,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                   "sha256": bundle.sha256},
         "device": str(device), "threads": threads, "tta": bool(options.tta),
         "parotid_source": "stage 1" if given is None else f"given ({given})",
+        "warnings": warnings, "side_check": side_check,
         "side": side, "midline_x_mm": round(midline, 3), "midline": midline_info,
         "roi_margin_mm": margin, "roi_name": roi_name,
         "roi_volume_cc": round(float(np.count_nonzero(roi)) * vox_cc, 3),
@@ -361,6 +374,20 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         "peak_memory": peak_memory(device),
     }
     return CascadeResult(masks, roi, roi_name, crop_box, report, geometry, side)
+
+
+def check_options(options: SegmentOptions) -> tuple[str, float]:
+    """Validate the options a user can get wrong (before any work); returns (side, margin in mm)."""
+    from .inference import check_threads
+
+    side = preprocess.check_side(options.side)
+    margin = float(options.roi_margin_mm)
+    if not np.isfinite(margin) or margin <= 0:
+        raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
+    if not (0.0 < float(options.step) <= 1.0):
+        raise InputError(f"--step must be in (0, 1], got {options.step}.")
+    check_threads(options.threads)
+    return side, margin
 
 
 def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer):
@@ -380,6 +407,7 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
         if not par1.any():
             raise EmptyStructureError(empty_msg)
         par1 = keep_components(par1, g1.spacing_zyx, options.min_component_cc, options.max_component_gap_mm)
+        par1_cc = float(np.count_nonzero(par1)) * g1.voxel_volume_cc
         # parotid probability → input grid, only inside the parotid's padded box
         blo, bhi = roi_mod.bounding_box(par1, pad_vox=2)
         plo, phi = preprocess.lps_bounds(g1, blo, bhi)
@@ -395,7 +423,52 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
         parotid[tuple(slice(a, b) for a, b in zip(tlo, thi))] = par_sub
         if not parotid.any():
             raise EmptyStructureError(empty_msg)
-    return parotid
+    return parotid, par1_cc
+
+
+def _side_box(geometry: Geometry, midline: float, midline_info: dict, side: str):
+    """LPS (lo, hi) of the stage-1 search box: the body (+ BODY_MARGIN_MM of air; a 500 mm field of view
+    is mostly air) on ``side`` of the midline."""
+    lo, hi = preprocess.lps_bounds(geometry)
+    blo, bhi = (np.asarray(v) for v in midline_info["body_box_lps"])
+    lo, hi = np.maximum(lo, blo - BODY_MARGIN_MM), np.minimum(hi, bhi + BODY_MARGIN_MM)
+    if side == "left":
+        lo[0] = max(lo[0], midline)
+    else:
+        hi[0] = min(hi[0], midline)
+    return lo, hi
+
+
+def _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info, side, chosen_cc) -> dict:
+    """Stage 1 on the *other* side too (one pass, windows without overlap: a volume estimate), to catch a
+    wrong ``--side``: after a parotidectomy the operated side's gland is gone or small, so a chosen side whose
+    gland looks intact while the other looks resected is probably the wrong one. Returns the two stage-1
+    volumes and, in that case, a ``warning``."""
+    from .inference import sliding_window
+
+    other = "right" if side == "left" else "left"
+    out = {"chosen_side": side, "chosen_cc": round(chosen_cc, 2), "other_cc": None, "warning": None}
+    lo, hi = _side_box(geometry, midline, midline_info, other)
+    if hi[0] - lo[0] < MIN_SIDE_WIDTH_MM:
+        out["skipped"] = f"the patient's {other} side is not in the image"
+        return out
+    g = preprocess.axis_aligned_grid(man.spacing("stage1"), lo, hi)
+    ct = preprocess.resample_region(array, geometry, g, "linear", default_value=preprocess.AIR_HU,
+                                    output_dtype=np.float32)
+    x = preprocess.normalise(ct, norm1)
+    del ct
+    fg = sliding_window(net1, x, inference_patch(man, "stage1"), 2, device, step=1.0, tta=False,
+                        pad_value=_normalised_air(norm1))[1] >= 0.5
+    other_cc = 0.0
+    if fg.any():
+        fg = keep_components(fg, g.spacing_zyx, options.min_component_cc, options.max_component_gap_mm)
+        other_cc = float(np.count_nonzero(fg)) * g.voxel_volume_cc
+    out["other_cc"] = round(other_cc, 2)
+    if chosen_cc >= SIDE_CHECK_MIN_CC and other_cc < SIDE_CHECK_RATIO * chosen_cc:
+        out["warning"] = (f"the parotid on the chosen ({side}) side looks intact ({chosen_cc:.1f} cc) and the one on "
+                          f"the {other} side looks resected ({other_cc:.1f} cc). Is the operated side {other}? Check "
+                          "--side (left = patient left).")
+    return out
 
 
 def _given_parotid(parotid, geometry: Geometry, side: str, midline: float, name: str) -> np.ndarray:
@@ -459,21 +532,6 @@ def _input_box(geometry: Geometry, lo_lps, hi_lps):
 
 
 # --------------------------------------------------------------------------- file → file
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.part-{os.getpid()}")
-
-
-def check_outputs(paths, force: bool) -> None:
-    for p in paths:
-        if p is None:
-            continue
-        p = Path(p)
-        if p.exists() and not force:
-            raise OutputExistsError(f"{p} already exists. Choose another output or pass --force to replace it.")
-        if not p.parent.exists():
-            raise InputError(f"Output folder {p.parent} does not exist. Create it first.")
-
-
 #: reader metadata copied into the JSON report (an allow-list, so identifiers never leak into it)
 _REPORT_INPUT_KEYS = ("format", "modality", "study_instance_uid", "series_instance_uid",
                       "frame_of_reference_uid", "resampled", "warnings", "original_dtype")
@@ -494,8 +552,9 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     out_path = Path(out_path)
     if not input_path.exists():
         raise InputError(f"Input not found: {input_path}. Check the path.")
+    check_options(options)
     outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
-    check_outputs(outputs, options.force)
+    imageio.check_outputs(outputs, options.force)  # every output writable, before any work
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
         raise InputError("--rtstruct/--dicom-seg need the input to be a DICOM CT series folder (they reference "
                          f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
@@ -521,27 +580,25 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     del array
 
     t_write = time.perf_counter()
-    temps: list[tuple[Path, Path]] = []
-    try:
-        tmp = _tmp_sibling(out_path)
+    # every output goes to a temporary sibling; all are published only when all are written, and never
+    # over a file that exists (even one that appeared during the run) unless --force
+    with imageio.staged_outputs(outputs, options.force) as (seg_tmp, report_tmp, rtstruct_tmp, dicom_seg_tmp):
         header = {"ParotidOAR_Model": result.report["model"]["id"], "ParotidOAR_Version": __version__,
                   "ParotidOAR_Side": result.side}
         if result.report["notice"]:
             header["ParotidOAR_Notice"] = result.report["notice"]
-        segio.write_seg(tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
-        temps.append((tmp, out_path))
+        segio.write_seg(seg_tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
         if progress:
             progress(95, "write")
         from . import dicomseg, rtstruct  # (highdicom, pydicom are imported only when writing)
 
-        for path, write, extra in ((rtstruct_path, rtstruct.write_rtstruct, {"include_roi": True}),
-                                   (dicom_seg_path, dicomseg.write_dicom_seg, {})):
-            if path:
-                tmp = _tmp_sibling(Path(path))
+        for tmp, write, extra in ((rtstruct_tmp, rtstruct.write_rtstruct, {"include_roi": True}),
+                                  (dicom_seg_tmp, dicomseg.write_dicom_seg, {})):
+            if tmp:
                 write(tmp, result.all_masks(), geometry, input_path, series_uid=options.series_uid, force=True,
                       side=result.side, **extra)
-                temps.append((tmp, Path(path)))
         report = result.report
+        report["warnings"] = list(meta.get("warnings") or []) + list(report.get("warnings") or [])
         # Only what is needed to link the outputs to their input: no patient identifiers, no per-slice UIDs.
         report["input"] = {"path": str(input_path),
                            **{k: v for k, v in meta.items() if k in _REPORT_INPUT_KEYS}}
@@ -552,19 +609,10 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
         report["timings"]["write"] = round(time.perf_counter() - t_write, 4)
         report["timings"]["total"] = round(time.perf_counter() - t0, 4)
         report["peak_memory"] = peak_memory(_device_of(report))
-        if report_path:
-            tmp = _tmp_sibling(Path(report_path))
-            tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-            temps.append((tmp, Path(report_path)))
-        for tmp, final in temps:
-            os.replace(tmp, final)
-        temps = []
-    finally:
-        for tmp, _final in temps:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
+        if report_tmp:
+            report_tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    for w in report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     if progress:
         progress(100, "write")
     return report
@@ -574,7 +622,7 @@ def read_parotid(path, geometry: Geometry) -> np.ndarray:
     """A parotid contour file → bool mask on the CT grid ``geometry``: a ``.seg.nrrd`` (the segment named
     Parotid, or its only segment) or a binary mask image (NRRD/NIfTI/MHA). Another grid is resampled
     (nearest neighbour, physical space)."""
-    from .commands.evaluate import load_masks, resample_masks_to
+    from .segio import load_masks, lost_in_resampling, resample_masks_to
 
     masks, geom, _kind = load_masks(path)
     if len(masks) > 1:
@@ -586,7 +634,15 @@ def read_parotid(path, geometry: Geometry) -> np.ndarray:
         masks = {named[0]: masks[named[0]]}
     (mask,) = masks.values()
     if not geom.same_grid(geometry):
-        mask = resample_masks_to({"parotid": mask}, geom, geometry)["parotid"]
+        try:
+            resampled = resample_masks_to({"parotid": mask}, geom, geometry)
+        except GeometryError as exc:
+            raise InputError(f"The parotid contour {path} does not lie on the CT: {exc}") from None
+        lost = lost_in_resampling({"parotid": mask}, geom, resampled, geometry)
+        if lost:
+            raise InputError(f"The parotid contour {path} lies outside the CT: {lost[0]}. Check that the "
+                             "contour was drawn on this CT.")
+        mask = resampled["parotid"]
     return mask
 
 

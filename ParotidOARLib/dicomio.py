@@ -372,8 +372,37 @@ def _read_pixels(h: SliceHeader) -> np.ndarray:
         ds = pydicom.dcmread(str(h.path))
         return np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float64)
     except Exception as exc:
+        damage = _pixel_data_damage(h)
+        if damage:
+            raise DicomError(f"{h.path} is truncated or damaged ({damage}). Copy or export that file (or the whole "
+                             "series) again.") from None
         raise DicomError(f"Cannot decode the pixel data of {h.path.name} (transfer syntax {h.transfer_syntax}): "
                          f"{type(exc).__name__}. Decompress the series (e.g. 'gdcmconv --raw') and retry.") from None
+
+
+#: transfer syntaxes whose pixel data is stored as is (its length is known from the header)
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+
+
+def _pixel_data_damage(h: SliceHeader) -> str | None:
+    """Why a slice's pixel data cannot be read when it is not a compression problem: the file ends early
+    (uncompressed pixel data shorter than rows x columns x bytes), has no pixel data, or cannot be read
+    past its header. None if nothing of the kind is found."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(h.path))
+        data = ds.get("PixelData")
+    except Exception as exc:  # the header was read before: the rest of the file is damaged
+        return f"the file cannot be read past its header: {type(exc).__name__}"
+    if data is None:
+        return "it has no pixel data"
+    if h.transfer_syntax in _UNCOMPRESSED:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "NumberOfFrames", 1) or 1)
+                    * int(getattr(ds, "SamplesPerPixel", 1) or 1) * (int(ds.BitsAllocated) // 8))
+        if len(data) < expected:
+            return f"{len(data)} of {expected} bytes of pixel data"
+    return None
 
 
 def read_ct_series(folder, series_uid: str | None = None) -> tuple[np.ndarray, Geometry, dict]:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, labels
-from .errors import DicomError, InputError, OutputExistsError
-from .imageio import Geometry, atomic_file
+from .errors import DicomError, InputError
+from .imageio import Geometry, atomic_file, check_output
 
 
 def _highdicom():
@@ -44,10 +44,7 @@ def write_dicom_seg(out_path, masks: dict, geometry: Geometry, dicom_dir, *, ser
                     algorithm_type: str = "AUTOMATIC") -> Path:
     """Write ``{name: bool mask [k, j, i]}`` as a DICOM SEG referencing the CT series in ``dicom_dir``."""
     out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise OutputExistsError(f"{out_path} already exists. Choose another output or pass --force to replace it.")
-    if not out_path.parent.exists():
-        raise InputError(f"Output folder {out_path.parent} does not exist. Create it first.")
+    check_output(out_path, force)
     hd = _highdicom()
     import pydicom
     from pydicom.sr.codedict import codes
@@ -101,7 +98,7 @@ def write_dicom_seg(out_path, masks: dict, geometry: Geometry, dicom_dir, *, ser
             content_label="PAROTIDOAR", omit_empty_frames=True)
     except (ValueError, TypeError) as exc:
         raise DicomError(f"highdicom could not build the DICOM SEG: {exc}") from None
-    with atomic_file(out_path) as tmp:
+    with atomic_file(out_path, force=force) as tmp:
         dicomio.save_dataset(seg, tmp)
     return out_path
 

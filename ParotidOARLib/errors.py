@@ -28,7 +28,11 @@ class ModelError(ParotidOARError):
     """A model bundle is missing, corrupt, tampered with or incompatible."""
 
 
-class OutputExistsError(ParotidOARError):
+class OutputError(InputError):
+    """An output cannot be written where asked (no such folder, a file in the way, read-only, no space)."""
+
+
+class OutputExistsError(OutputError):
     """Refusing to overwrite an existing output without ``--force``."""
 
 

@@ -13,6 +13,7 @@ Physical coordinates are LPS millimetres, as in DICOM, ITK and Slicer.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -165,22 +166,226 @@ def read_image(path) -> tuple[np.ndarray, Geometry]:
     return from_sitk(image)
 
 
+_TEMP_TAG = ".part-"
+
+
+def temp_sibling(path, suffix: str = "") -> Path:
+    """This process's hidden temporary name for ``path``: ``.<name>.part-<pid><suffix>`` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{_TEMP_TAG}{os.getpid()}{suffix}")
+
+
+def _is_own_temp(path: Path) -> bool:
+    import re
+
+    return bool(re.fullmatch(rf"\..+{re.escape(_TEMP_TAG)}{os.getpid()}(\D.*)?", path.name))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or no way to tell: keep its file
+    return True
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Delete the temporary siblings of ``path`` left by a killed run (``.<name>.part-<pid>…`` whose process is
+    gone). Returns what was removed. A running process's temporary file is never touched."""
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}{_TEMP_TAG}"
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for p in candidates:
+        digits = ""
+        for ch in p.name[len(prefix):]:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits or _pid_alive(int(digits)) or not p.is_file():
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def check_output(path, force: bool = False, what: str = "output") -> Path:
+    """Fail at once, with one line, if ``path`` cannot be written as a new file: it exists (and not
+    ``force``), it is a folder, its folder is missing or is a file, or the folder is not writable
+    (read-only, no permission, a virtual file system). Writes and removes a probe file; removes
+    temporary files left there by a killed run (:func:`remove_stale_temps`)."""
+    from .errors import OutputError, OutputExistsError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"The {what} {path} is a folder; give a file name.")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists. Choose another output or pass --force to replace it.")
+    parent = path.parent
+    if not parent.exists():
+        blocker = next((p for p in parent.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputError(f"Cannot write the {what} {path}: {blocker} is a file, not a folder.")
+        raise OutputError(f"Output folder {parent} does not exist. Create it first.")
+    if not parent.is_dir():
+        raise OutputError(f"Cannot write the {what} {path}: {parent} is a file, not a folder.")
+    remove_stale_temps(path)
+    probe = temp_sibling(path, ".probe")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+        raise OutputError(f"Cannot write the {what} {path}: {exc.strerror or exc}. Pick a writable folder.") from None
+    return path
+
+
+def check_outputs(paths, force: bool = False) -> list[Path]:
+    """:func:`check_output` for every path that is not None; two outputs may not share one path."""
+    from .errors import OutputError
+
+    seen: dict[str, Path] = {}
+    checked = []
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        key = os.path.normcase(os.path.abspath(p))
+        if key in seen:
+            raise OutputError(f"Two outputs are the same file ({p}); give each output its own name.")
+        seen[key] = p
+        checked.append(check_output(p, force))
+    return checked
+
+
+def publish(tmp, path, force: bool = False) -> Path:
+    """Move the finished temporary file ``tmp`` onto ``path``.
+
+    Without ``force`` an existing ``path`` is never replaced, even one that appeared while the
+    run was writing: the file is published with a hard link (which fails if ``path`` exists), or
+    where links are not supported with an exclusive create then a rename. Raises
+    :class:`OutputExistsError` and leaves both files (the caller removes ``tmp``).
+    """
+    from .errors import OutputError, OutputExistsError
+
+    tmp, path = Path(tmp), Path(path)
+    appeared = (f"{path} appeared while this run was writing it and was left as it is. Choose another output "
+                "or pass --force to replace it.")
+    try:
+        if force:
+            os.replace(tmp, path)
+            return path
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise OutputExistsError(appeared) from None
+        except OSError:  # no hard links on this file system: reserve the name, then rename onto it
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                raise OutputExistsError(appeared) from None
+            os.replace(tmp, path)
+            return path
+        os.unlink(tmp)
+    except OutputExistsError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"Cannot write {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+#: errno values that mean "this output cannot be written here" (disk or quota full, file too large,
+#: read-only, no permission, I/O error): a one-line :class:`OutputError`, not a traceback
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _output_error(exc: OSError, path: Path):
+    from .errors import OutputError
+
+    return OutputError(f"Cannot write {path}: {exc.strerror or exc}. Nothing was written; free some space or "
+                       "pick another folder.")
+
+
 @contextmanager
-def atomic_file(path, suffix: str = ""):
-    """Yield a hidden temporary sibling of ``path``; on success rename it onto ``path``.
+def atomic_file(path, suffix: str = "", force: bool = True):
+    """Yield a hidden temporary sibling of ``path``; on success publish it as ``path`` (:func:`publish`).
 
     Whatever happens, no temporary file is left behind and ``path`` is either the old
-    file or the complete new one. ``suffix`` is appended for writers that pick the
-    format from the file name (e.g. ``".nrrd"``, ``".png"``).
+    file or the complete new one. Without ``force`` an existing ``path`` (even one that
+    appeared meanwhile) is never replaced: :class:`OutputExistsError`. ``suffix`` is
+    appended for writers that pick the format from the file name (e.g. ``".nrrd"``).
+
+    A ``path`` that is itself one of this process's temporary files (see :func:`staged_outputs`)
+    is private until published, so it is written in place.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}{suffix}")
+    if _is_own_temp(path) and not suffix:
+        yield path
+        return
+    tmp = temp_sibling(path, suffix)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish(tmp, path, force)
+    except OSError as exc:
+        if exc.errno in _WRITE_ERRNOS:
+            raise _output_error(exc, path) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def staged_outputs(paths, force: bool = False):
+    """All-or-nothing writing of several outputs: yields one temporary path per entry of ``paths``
+    (None stays None). When the block succeeds every file is published (:func:`publish`: never
+    over an existing file without ``force``); if one cannot be, those already published by this
+    call are removed again. On any error no temporary file is left."""
+    paths = [None if p is None else Path(p) for p in paths]
+    temps = [None if p is None else temp_sibling(p) for p in paths]
+    done: list[Path] = []
+    try:
+        yield temps
+        for tmp, final in zip(temps, paths):
+            if tmp is not None:
+                publish(tmp, final, force)
+                done.append(final)
+    except BaseException as exc:
+        if not force:
+            for final in done:  # created by this call (publish never replaces without force)
+                try:
+                    final.unlink()
+                except OSError:
+                    pass
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+            where = next((p for p, t in zip(paths, temps) if t is not None and exc.filename
+                          and Path(exc.filename) == t), None) or next(p for p in paths if p is not None)
+            raise _output_error(exc, where) from None
+        raise
+    finally:
+        for tmp in temps:
+            if tmp is not None:
+                try:
+                    tmp.unlink()
+                except FileNotFoundError:
+                    pass
 
 
 def write_image(path, array: np.ndarray, geometry: Geometry, compress: bool = True) -> Path:

@@ -29,11 +29,25 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_threads(threads) -> int | None:
+    """``threads`` as a positive int, or None (= the usable cores). Anything else is an :class:`InputError`."""
+    if threads is None:
+        return None
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n != threads or n < 1:
+        raise InputError(f"--threads must be a whole number of CPU threads, 1 or more (this machine has "
+                         f"{cpu_count()} usable cores), got {threads!r}. Leave it out to use them all.")
+    return n
+
+
 def configure_cpu_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to ``threads`` (default: the usable cores). Returns the count."""
     import torch
 
-    n = int(threads) if threads else cpu_count()
+    n = check_threads(threads) or cpu_count()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

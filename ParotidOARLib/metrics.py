@@ -51,8 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GeometryError, InputError, OutputExistsError
-from .imageio import atomic_file
+from .errors import GeometryError, InputError
+from .imageio import atomic_file, check_output
 
 # ---------------------------------------------------------------------------------------------
 # Marching-cubes surfel table.
@@ -678,11 +678,8 @@ def jsonable(obj):
 def atomic_write_text(path, text: str, force: bool = False) -> Path:
     """Write ``text`` to ``path`` via a temp file + ``os.replace``; refuse to overwrite unless ``force``."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists. Choose another output or pass --force to replace it.")
-    if not path.parent.exists():
-        raise InputError(f"Output folder {path.parent} does not exist. Create it first.")
-    with atomic_file(path) as tmp:
+    check_output(path, force)
+    with atomic_file(path, force=force) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()

@@ -17,6 +17,13 @@ Validation thresholds (documented in docs/cascade.md):
   cranio-caudal (a parotid is ~40–50 mm tall, ~30–40 mm wide; with the 17 mm
   ROI margin anything smaller cannot contain one side of the head), with at
   least ``MIN_VOXELS`` = (16, 16, 8) voxels along (i, j, k).
+* Upper bounds: at most ``MAX_EXTENT_MM`` = 800 × 800 × 2000 mm (a CT bore is
+  about 700–800 mm wide; 2 m is a whole body), and the finest voxel spacing at
+  most ``MAX_FINEST_SPACING_MM`` = 6 mm (OpenKBP's coarsest in-plane spacing is
+  4.7 mm). A 10 mm isotropic 1.6 m scan is refused at once instead of running
+  for minutes.
+* Values: NaN or infinite voxels are refused (:func:`to_int16`); a sheared
+  (non-orthogonal) direction matrix is refused.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ CT_AIR_MAX_HU = -500.0
 CT_DENSE_MIN_HU = 300.0
 MIN_EXTENT_MM = (60.0, 60.0, 30.0)  # LPS x, y, z
 MIN_VOXELS = (16, 16, 8)  # i, j, k
+MAX_EXTENT_MM = (800.0, 800.0, 2000.0)  # LPS x, y, z
+MAX_FINEST_SPACING_MM = 6.0
+SHEAR_TOLERANCE = 1e-3  # |cos| of the angle between two direction axes
 BODY_THRESHOLD_HU = -400.0
 AIR_HU = -1024
 
@@ -67,8 +77,9 @@ def read_ct(path, series_uid: str | None = None) -> tuple[np.ndarray, Geometry, 
         raise InputError(f"{path}: unsupported file type. Use a NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz), "
                          "MetaImage (.mha/.mhd) file or a DICOM series folder.")
     array, geometry = read_image(path)
-    meta = {"source": str(path), "format": _format_of(path), "original_dtype": str(array.dtype)}
-    return to_int16(array), geometry, meta
+    meta = {"source": str(path), "format": _format_of(path), "original_dtype": str(array.dtype),
+            "warnings": header_warnings(path)}
+    return to_int16(array, path.name), geometry, meta
 
 
 def _format_of(path: Path) -> str:
@@ -80,14 +91,56 @@ def _format_of(path: Path) -> str:
     return "metaimage"
 
 
-def to_int16(array: np.ndarray) -> np.ndarray:
-    """HU values as int16 (rounded, clipped); int16 input is returned as is (no copy)."""
+def header_warnings(path) -> list[str]:
+    """Warnings about a file's header that the reader silently "fixes": a negative spacing in a
+    MetaImage (``ElementSpacing``) or NRRD (``spacings``) header, which ITK turns into a flipped axis."""
+    path = Path(path)
+    name = path.name.lower()
+    key = "elementspacing" if name.endswith((".mha", ".mhd")) else "spacings" if name.endswith((".nrrd", ".nhdr")) \
+        else None
+    if key is None:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536).decode("latin-1")
+    except OSError:
+        return []
+    for line in head.splitlines():
+        if not line.strip():
+            break  # NRRD: the header ends at the first blank line
+        field, sep, value = line.replace("=", ":", 1).partition(":")
+        if sep and field.strip().lower() == key:
+            try:
+                values = [float(v) for v in value.split()]
+            except ValueError:
+                return []
+            if any(v < 0 for v in values):
+                return [f"{path.name}: the header's spacing {' '.join(value.split())} has a negative value; it was "
+                        "read as a positive spacing with that axis flipped. Check that left and right (and the "
+                        "output's orientation) are correct."]
+            return []
+        if field.strip().lower() == "elementdatafile":
+            break
+    return []
+
+
+def to_int16(array: np.ndarray, name: str = "input") -> np.ndarray:
+    """HU values as int16 (rounded, clipped); int16 input is returned as is (no copy).
+
+    NaN or infinite values are refused (:class:`InputError`): they have no HU value to round to."""
     array = np.asarray(array)
     if array.dtype == np.int16:
         return array
     if array.dtype.kind in "iub" and array.dtype.itemsize <= 1:
         return array.astype(np.int16)
     if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            n_nan = int(np.isnan(array).sum())
+            n_inf = int(array.size - finite.sum()) - n_nan
+            raise InputError(f"{name}: {n_nan} NaN and {n_inf} infinite voxel value(s); a CT has a finite HU value "
+                             "in every voxel. Fix the image (for example set them to -1024 HU, air) and retry.")
+        del finite
         out = np.empty(array.shape, np.int16)
         np.clip(np.rint(array), -32768, 32767, out=out, casting="unsafe")
         return out
@@ -128,6 +181,21 @@ def validate_ct(array: np.ndarray, geometry: Geometry | None, name: str = "input
             f"Need at least {MIN_EXTENT_MM[0]:.0f}x{MIN_EXTENT_MM[1]:.0f}x{MIN_EXTENT_MM[2]:.0f} mm "
             f"(LR x AP x CC) and {MIN_VOXELS[0]}x{MIN_VOXELS[1]}x{MIN_VOXELS[2]} voxels; use the full "
             "head-and-neck planning CT.")
+    ext = physical_extent_mm(geometry)
+    if np.any(ext > np.asarray(MAX_EXTENT_MM)) or min(sp) > MAX_FINEST_SPACING_MM:
+        raise InputError(
+            f"{name}: the field of view is far beyond a head-and-neck CT ({ext[0]:.0f}x{ext[1]:.0f}x{ext[2]:.0f} mm, "
+            f"voxels {sp[0]:g}x{sp[1]:g}x{sp[2]:g} mm). ParotidOAR accepts at most {MAX_EXTENT_MM[0]:.0f}x"
+            f"{MAX_EXTENT_MM[1]:.0f}x{MAX_EXTENT_MM[2]:.0f} mm (LR x AP x CC) with voxels of at most "
+            f"{MAX_FINEST_SPACING_MM:g} mm along the finest axis. Check the header's spacing (mm, not cm) or crop "
+            "the scan to the head and neck.")
+    d = geometry.direction_matrix
+    cosines = np.abs(d.T @ d - np.diag(np.diag(d.T @ d)))
+    if cosines.max() > SHEAR_TOLERANCE:
+        angle = float(np.degrees(np.arccos(min(1.0, cosines.max()))))
+        raise InputError(f"{name}: the direction matrix is sheared (two voxel axes meet at {angle:.1f} degrees, not 90); "
+                         "a sheared grid would be segmented as if it were square. Resample the scan onto an "
+                         "orthogonal grid first (DICOM gantry tilt is handled when reading the DICOM series).")
     lo = float(array.min())
     hi = float(array.max())
     if not (lo < CT_AIR_MAX_HU and hi > CT_DENSE_MIN_HU):

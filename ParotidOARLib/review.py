@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import ReviewError
-from .imageio import atomic_file
+from .imageio import atomic_file, check_output
 
 #: Score definitions shown in the UI and reports.
 SCORE_DEFINITIONS = {
@@ -260,6 +260,19 @@ def _append_bytes(path: Path, data: bytes, header: bytes = b"") -> None:
         os.close(fd)
 
 
+def _roll_back(before) -> None:
+    """Restore files to their recorded sizes (``None``: the file did not exist), best effort."""
+    for path, size in before:
+        try:
+            if size is None:
+                if path.exists():
+                    path.unlink()
+            elif path.stat().st_size != size:
+                os.truncate(path, size)
+        except OSError:
+            pass
+
+
 class ReviewLog:
     """A review log folder: ``review-log.csv`` + ``review-log.jsonl`` (+ the lock file)."""
 
@@ -289,8 +302,15 @@ class ReviewLog:
         jsonl_data = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records).encode("utf-8")
         try:
             with _Lock(self.lock_path):
-                _append_bytes(self.csv_path, csv_data, _header_line().encode("utf-8"))
-                _append_bytes(self.jsonl_path, jsonl_data)
+                # both files or neither: if the second append fails, the first is rolled back, so a retry
+                # does not duplicate rows
+                before = [(p, p.stat().st_size if p.exists() else None) for p in (self.csv_path, self.jsonl_path)]
+                try:
+                    _append_bytes(self.csv_path, csv_data, _header_line().encode("utf-8"))
+                    _append_bytes(self.jsonl_path, jsonl_data)
+                except BaseException:
+                    _roll_back(before)
+                    raise
         except OSError as exc:
             raise ReviewError(f"Cannot append to the review log in {self.folder}: {exc.strerror or exc}. "
                               "Check the folder is writable.") from None
@@ -475,11 +495,7 @@ def plot_summary(summary: dict, path, force: bool = False, title: str | None = N
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .errors import OutputExistsError
-
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists. Choose another output or pass --force to replace it.")
+    path = check_output(path, force)
     names = list(summary["segments"])
     if not names:
         raise ReviewError("Nothing to plot: the review log has no records.")
@@ -501,7 +517,7 @@ def plot_summary(summary: dict, path, force: bool = False, title: str | None = N
     ax.set_title(title or "Clinical review scores per structure (≥2 acceptable)")
     fig.tight_layout()
     try:
-        with atomic_file(path, ".png") as tmp:
+        with atomic_file(path, ".png", force=force) as tmp:
             fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)

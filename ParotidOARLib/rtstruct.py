@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, labels
-from .errors import DicomError, GeometryError, InputError, OutputExistsError
-from .imageio import Geometry, atomic_file
+from .errors import DicomError, GeometryError, InputError
+from .imageio import Geometry, atomic_file, check_output
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +278,7 @@ def write_rtstruct(out_path, masks: dict, geometry: Geometry, dicom_dir, *, seri
     from . import dicomio
 
     out_path = Path(out_path)
-    if out_path.exists() and not force:
-        raise OutputExistsError(f"{out_path} already exists. Choose another output or pass --force to replace it.")
-    if not out_path.parent.exists():
-        raise InputError(f"Output folder {out_path.parent} does not exist. Create it first.")
+    check_output(out_path, force)
     names = [n for n in masks if include_roi or not labels.is_roi(n)]
     if not names:
         raise InputError("No structures to export (only the ROI segment was given; pass include_roi to export it).")
@@ -428,7 +425,7 @@ def write_rtstruct(out_path, masks: dict, geometry: Geometry, dicom_dir, *, seri
     ds.ApprovalStatus = "UNAPPROVED"
 
     _mark_preencoded(ds)
-    with atomic_file(out_path) as tmp:
+    with atomic_file(out_path, force=force) as tmp:
         dicomio.save_dataset(ds, tmp)
     return out_path
 
@@ -438,6 +435,7 @@ def export(seg_path, dicom_dir, out_path, *, series_uid: str | None = None, name
     """Convert a ``.seg.nrrd`` (e.g. after review/editing in Slicer) into an RTSTRUCT for the CT in ``dicom_dir``."""
     from . import segio
 
+    check_output(out_path, force)  # before reading anything
     masks, geometry, segments = segio.read_seg(seg_path)
     side = _side_from_segments(segments)
     return write_rtstruct(out_path, masks, geometry, dicom_dir, series_uid=series_uid, name_map=name_map,

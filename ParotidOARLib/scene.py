@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import labels
 from .errors import GeometryError, InputError, OutputExistsError
-from .imageio import Geometry
+from .imageio import Geometry, atomic_file
 
 ATTR_HASH = "ParotidOAR.ContentHash"
 ATTR_REPORT = "ParotidOAR.Report"
@@ -134,17 +133,13 @@ def write_volume(volume_node, path, force: bool = False, compress: bool = False)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} already exists; pass force=True to replace it.")
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}{suffix}")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(tmp))
-    storage.SetUseCompression(1 if compress else 0)  # uncompressed: a temp file, written fast
-    try:
+    # published without replacing a file that appeared meanwhile unless force (imageio.publish)
+    with atomic_file(path, suffix, force=force) as tmp:
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(tmp))
+        storage.SetUseCompression(1 if compress else 0)  # uncompressed: a temp file, written fast
         if not storage.WriteData(volume_node):
             raise InputError(f"Could not write the volume {volume_node.GetName()!r} to {path}.")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from . import labels
-from .errors import InputError, OutputExistsError
-from .imageio import Geometry, atomic_file
+from .errors import GeometryError, InputError
+from .imageio import Geometry, atomic_file, check_output
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -50,10 +50,7 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     import slicerio
 
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists. Choose another output or pass --force to replace it.")
-    if not path.parent.exists():
-        raise InputError(f"Output folder {path.parent} does not exist. Create it first.")
+    check_output(path, force)
     seg = slicerio.create_segmentation(geometry.size, geometry.ijk_to_lps, dtype="uint8")
     seg["conversionParameters"] = [{"name": "Reference image geometry",
                                     "value": reference_geometry_string(geometry),
@@ -64,7 +61,7 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     for key, value in (extra_header or {}).items():
         seg[key] = str(value)
     seg["voxels"], seg["segments"] = _pack_layers(masks, geometry, side)
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force=force) as tmp:
         slicerio.write_segmentation(str(tmp), seg, compression_level=1)
     return path
 
@@ -149,3 +146,119 @@ def read_seg(path) -> tuple[dict[str, np.ndarray], Geometry, list[dict]]:
         layer = layers[int(s.get("layer", 0))]
         masks[s["name"]] = (layer == int(s.get("labelValue", 1))).transpose(2, 1, 0).copy()
     return masks, geometry, seg["segments"]
+
+
+# --------------------------------------------------------------------------- any mask input
+def mask_name_from_path(path) -> str:
+    """A structure name from a file name: the name less its image suffix (``.seg.nrrd``, ``.nii.gz``...)."""
+    path = Path(path)
+    name = path.name
+    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _nonzero_values(array) -> np.ndarray:
+    """Sorted distinct non-zero values (bincount for small non-negative integers: no full sort)."""
+    if np.issubdtype(array.dtype, np.integer) and array.size:
+        lo, hi = int(array.min()), int(array.max())
+        if lo >= 0 and hi <= 1:  # the common binary mask: no histogram needed
+            return np.array([1] if hi else [], dtype=array.dtype)
+        if lo >= 0 and hi < 65536:
+            present = np.zeros(hi + 1, bool)
+            present[array.ravel()] = True
+            values = np.flatnonzero(present)
+            return values[values != 0].astype(array.dtype)
+    values = np.unique(array)
+    return values[values != 0]
+
+
+def load_masks(path, name_map=None, name=None) -> tuple[dict[str, np.ndarray], Geometry, str]:
+    """Read a mask input → (``{name: bool mask}``, Geometry, kind) with kind seg|labelmap|mask.
+
+    ``path`` is a ``.seg.nrrd``, a label map (NRRD/NIfTI/MHA) named by ``name_map``
+    (``{label value: name}``), or a single binary mask (any one non-zero value) named
+    ``name`` or after the file.
+    """
+    from . import imageio
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"Input not found: {path}.")
+    if path.name.lower().endswith(".seg.nrrd"):
+        masks, geom, _ = read_seg(path)
+        if not masks:
+            raise InputError(f"{path} contains no segments.")
+        return masks, geom, "seg"
+    if not imageio.is_image_file(path):
+        raise InputError(f"{path}: unsupported input. Use a .seg.nrrd, a NRRD/NIfTI/MHA label map or mask.")
+    array, geom = imageio.read_image(path)
+    nonzero = _nonzero_values(array)
+    if name_map:
+        masks = {}
+        for value, seg_name in name_map.items():
+            masks[seg_name] = array == value
+        unknown = sorted(set(int(v) for v in nonzero) - set(name_map))
+        return masks, geom, "labelmap" + (f" (unnamed labels {unknown} ignored)" if unknown else "")
+    if nonzero.size > 1:
+        raise InputError(f"{path} holds {nonzero.size} label values ({', '.join(str(v) for v in nonzero[:8])}"
+                         f"{'...' if nonzero.size > 8 else ''}); pass --name-map to name them, "
+                         "e.g. '{\"1\": \"Parotid\"}'.")
+    return {name or mask_name_from_path(path): array != 0}, geom, "mask"
+
+
+def describe_box(lo, hi) -> str:
+    """An LPS box as ``x -10.0..20.0, y ..., z ... mm LPS`` (for messages)."""
+    return ", ".join(f"{a} {lo[n]:.1f}..{hi[n]:.1f}" for n, a in enumerate("xyz")) + " mm LPS"
+
+
+def mask_lps_box(mask: np.ndarray, geometry: Geometry):
+    """LPS (min, max) corners of the voxels of a non-empty mask (voxel edges)."""
+    from . import preprocess, roi
+
+    lo, hi = roi.bounding_box(mask)
+    return preprocess.lps_bounds(geometry, lo, hi)
+
+
+def resample_masks_to(masks: dict, geometry: Geometry, target: Geometry) -> dict:
+    """Nearest-neighbour resampling of boolean masks onto ``target`` (physical space, SimpleITK).
+
+    Raises :class:`GeometryError` if the two grids do not overlap at all: every mask
+    would come out empty, which is never a meaningful answer. A mask can still fall
+    outside ``target`` when the grids overlap; callers check the masks they use
+    (see :func:`lost_in_resampling`).
+    """
+    import SimpleITK as sitk
+
+    from . import preprocess
+    from .imageio import to_sitk
+
+    lo_s, hi_s = preprocess.lps_bounds(geometry)
+    lo_t, hi_t = preprocess.lps_bounds(target)
+    if np.any(np.minimum(hi_s, hi_t) <= np.maximum(lo_s, lo_t)):
+        raise GeometryError(f"The two grids do not overlap: one covers {describe_box(lo_s, hi_s)}, the other "
+                            f"{describe_box(lo_t, hi_t)}. Check that both files belong to the same scan.")
+    ref = to_sitk(np.zeros(target.shape, np.uint8), target)
+    out = {}
+    for n, m in masks.items():
+        img = to_sitk(np.asarray(m, np.uint8), geometry)
+        res = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        out[n] = sitk.GetArrayFromImage(res).astype(bool)
+    return out
+
+
+def lost_in_resampling(before: dict, geometry: Geometry, after: dict, target: Geometry, names=None) -> list[str]:
+    """One line per mask (of ``names``, default all) that was not empty on ``geometry`` but is empty after
+    resampling onto ``target``: it lies outside that grid. Each line gives where the mask and the grid lie."""
+    from . import preprocess
+
+    lo_t, hi_t = preprocess.lps_bounds(target)
+    lines = []
+    for n in (before if names is None else [n for n in names if n in before]):
+        m = np.asarray(before[n], bool)
+        if m.any() and not np.asarray(after[n]).any():
+            lo, hi = mask_lps_box(m, geometry)
+            lines.append(f"{n!r} ({np.count_nonzero(m) * geometry.voxel_volume_cc:.1f} cc) lies at "
+                         f"{describe_box(lo, hi)}, outside the grid at {describe_box(lo_t, hi_t)}")
+    return lines

@@ -510,8 +510,10 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.threads:  # 0 = torch's default
+        from .inference import check_threads
+
+        torch.set_num_threads(check_threads(cfg.threads))
     device = pick_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)

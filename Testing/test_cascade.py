@@ -250,6 +250,31 @@ def test_device_errors():
         inference.select_device("tpu")
 
 
+def test_bad_thread_counts_fail_clearly(rotated_case, tiny_bundle, tmp_path, capsys):
+    """Issue #15 fault 6: `--threads -1` (or 0) is a one-line error before any work, not a traceback from
+    torch.set_num_threads; `train --threads -1` too."""
+    import torch
+
+    from ParotidOARLib import inference
+
+    path, _ct, _g = rotated_case
+    before = torch.get_num_threads()
+    for bad in ("-1", "0"):
+        out = tmp_path / "o.seg.nrrd"
+        rc = main(["segment", str(path), "--side", "left", "--out", str(out), "--model", str(tiny_bundle),
+                   "--device", "cpu", "--threads", bad])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--threads must be a whole number" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    rc = main(["train", "--threads", "-1", "--data", str(tmp_path), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--threads must be a whole number" in err, err
+    assert torch.get_num_threads() == before
+    assert inference.check_threads(None) is None and inference.check_threads(3) == 3
+    with pytest.raises(InputError):
+        inference.check_threads(2.5)
+
+
 def test_sliding_window_gaussian_and_optimised_conv():
     """Window accumulation reproduces a single pass for a pointwise net; oneDNN conv = native conv."""
     import torch
@@ -452,3 +477,67 @@ def test_given_parotid_replaces_stage_1(tiny_bundle, tmp_path, capsys):
                    "--device", "cpu", "--parotid", str(par)])
         assert rc != 0 and msg in capsys.readouterr().err
         assert not out2.exists()
+
+
+def test_parotid_contour_outside_the_ct_says_where(tmp_path):
+    """Issue #15 fault 8b: a --parotid contour that lies outside the CT is not called 'empty'; the message
+    says where the contour and the CT lie."""
+    g = Geometry((40, 40, 20), (3.0, 3.0, 4.0), (0.0, 0.0, 0.0))
+    k, j, i = np.indices(g.shape)
+    blob = (abs(k - 10) < 4) & (abs(j - 20) < 5) & (abs(i - 20) < 5)
+    far = Geometry(g.size, g.spacing, (500.0, 0.0, 0.0))
+    seg = segio.write_seg(tmp_path / "far.seg.nrrd", {labels.PAROTID: blob}, far)
+    with pytest.raises(InputError, match=r"does not lie on the CT.*do not overlap.*x 498\.5\.\.618\.5"):
+        cascade.read_parotid(seg, g)
+    wide = Geometry((80, 40, 20), g.spacing, (-120.0, 0.0, 0.0))  # overlaps the CT; the blob does not
+    outside = np.concatenate([blob, np.zeros_like(blob)], axis=2)  # x -73.5..-46.5 mm
+    seg = segio.write_seg(tmp_path / "wide.seg.nrrd", {labels.PAROTID: outside}, wide)
+    with pytest.raises(InputError, match=r"lies outside the CT: 'parotid' \(.* cc\) lies at x -73\.5\.\.-46\.5"):
+        cascade.read_parotid(seg, g)
+    inside = np.roll(outside, 40, axis=2)  # the same blob moved onto the CT: accepted, on the CT's grid
+    seg = segio.write_seg(tmp_path / "in.seg.nrrd", {labels.PAROTID: inside}, wide)
+    assert cascade.read_parotid(seg, g).sum() == blob.sum()
+
+
+def test_thick_slices_and_a_negative_header_spacing_are_warned(tiny_bundle, tmp_path, capsys):
+    """Issue #15 faults 7c and 7d: 5 mm slices (the model was trained on at most 3 mm) and a negative spacing
+    in a MetaImage header are segmented, but with a warning on stderr and in the report."""
+    ct, g = synthetic_ct(size=(64, 60, 20), spacing=(3.0, 3.0, 5.0))
+    path = write_image(tmp_path / "ct.mha", ct, g, compress=False)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"ElementSpacing = 3 3 5", b"ElementSpacing = -3 3 5", 1))
+    out, rep = tmp_path / "o.seg.nrrd", tmp_path / "r.json"
+    rc = main(["segment", str(path), "--side", "left", "--out", str(out), "--model", str(tiny_bundle),
+               "--device", "cpu", "--report", str(rep)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    warnings = json.loads(rep.read_text())["warnings"]
+    assert any("5 mm slices" in w and "at most 3 mm" in w for w in warnings), warnings
+    assert any("negative value" in w for w in warnings), warnings
+    assert all(f"warning: {w}" in err for w in warnings)
+
+
+def test_wrong_side_warning_compares_both_sides_stage1_volumes(tiny_bundle):
+    """Issue #15 fault 7e: stage 1 also runs on the other side and a chosen side whose parotid is more than
+    twice the other's is flagged. The 'parotid everywhere' bundle makes stage 1's volume the side's search
+    box; a slab of tissue that reaches the image's left border in a few slices (it does not move the
+    midline) makes the left box more than twice as wide as the right one."""
+    bundle_all = make_tiny_bundle_cached(tiny_bundle.parent, "everywhere", stage1_bias=50.0)
+    ct, g = synthetic_ct(size=(70, 60, 24), spacing=(3.0, 3.0, 4.0), semi_axes_mm=(35.0, 60.0))
+    x = g.index_to_lps(np.stack(np.meshgrid(np.arange(70), [0], [0], indexing="ij"), -1).reshape(-1, 3))[:, 0]
+    ct[2:5, 20:40, x > 0] = 40
+    mid = preprocess.body_midline_x(ct, g)
+    assert abs(mid) < 3
+    warned = cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu"),
+                         parotid_only=True).report
+    check = warned["side_check"]
+    assert check["other_cc"] < 0.5 * check["chosen_cc"], check
+    assert "looks intact" in check["warning"] and "Is the operated side right?" in check["warning"]
+    assert any("looks resected" in w for w in warned["warnings"])
+    fine = cascade.run(ct, g, cascade.SegmentOptions(side="right", model_dir=bundle_all, device="cpu"),
+                       parotid_only=True).report
+    assert fine["side_check"]["other_cc"] > fine["side_check"]["chosen_cc"] and fine["side_check"]["warning"] is None
+    assert not any("looks resected" in w for w in fine["warnings"])
+    off = cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu",
+                                                    side_check=False), parotid_only=True).report
+    assert off["side_check"] is None and "side_check" not in off["timings"]

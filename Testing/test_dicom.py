@@ -164,6 +164,19 @@ def test_missing_slice_refused(tmp_path):
     assert "4.00 mm" in str(err.value) and "1 slice" in str(err.value)
 
 
+def test_truncated_slice_is_named(tmp_path):
+    """Issue #15 fault 8a: a slice whose pixel data was cut short used to get "Decompress the series"; the
+    message names the truncated file and how much of it is there."""
+    geom = Geometry((20, 24, 10), (1.0, 1.0, 2.0))
+    info = write_ct_series(tmp_path, small_volume(), geom)
+    victim = Path(sorted(info["paths"])[3])
+    victim.write_bytes(victim.read_bytes()[:-300])
+    with pytest.raises(DicomError, match="truncated or damaged") as err:
+        dicomio.read_ct_series(tmp_path)
+    assert victim.name in str(err.value) and "660 of 960 bytes" in str(err.value)
+    assert "Decompress" not in str(err.value)
+
+
 def test_duplicate_positions_refused(tmp_path):
     geom = Geometry((20, 24, 4), (1.0, 1.0, 2.0))
     write_ct_series(tmp_path, small_volume((4, 24, 20)), geom, z_offsets_mm=[0, 2, 2, 4])

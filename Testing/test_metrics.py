@@ -394,6 +394,33 @@ def test_evaluate_cli_labelmap_and_masks_on_other_grid(tmp_path):
     assert res["segments"]["Parotid"]["dsc"] > 0.85
 
 
+def test_evaluate_refuses_a_prediction_off_the_reference_grid(tmp_path, capsys):
+    """Issue #15 fault 2: a prediction from another case (grids that do not overlap, or a structure that
+    falls outside the reference grid) is an error, not DSC 0 and 'pred empty' with exit 0."""
+    from ParotidOARLib.__main__ import main
+
+    g = Geometry((40, 40, 20), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    gland = box(g.shape, (5, 10, 10), (15, 30, 30))
+    write_image(tmp_path / "ref.nrrd", gland.astype(np.uint8), g)
+    far = Geometry(g.size, g.spacing, (300.0, 0.0, 0.0))  # another scan, 300 mm away
+    write_image(tmp_path / "far.nrrd", gland.astype(np.uint8), far)
+    half = Geometry((80, 40, 20), g.spacing, (-40.0, 0.0, 0.0))  # overlaps, but the gland lies outside
+    write_image(tmp_path / "half.nrrd", box(half.shape, (5, 10, 5), (15, 30, 25)).astype(np.uint8), half)
+    for pred, message in (("far.nrrd", "do not overlap"), ("half.nrrd", "outside the grid")):
+        out = tmp_path / f"{pred}.json"
+        rc = main(["evaluate", "--pred", str(tmp_path / pred), "--ref", str(tmp_path / "ref.nrrd"),
+                   "--json", str(out), "--name", "Parotid"])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err
+        assert not out.exists()
+    # the same prediction on an overlapping grid is still compared (resampled)
+    write_image(tmp_path / "near.nrrd", box(half.shape, (5, 10, 50), (15, 30, 70)).astype(np.uint8), half)
+    rc = main(["evaluate", "--pred", str(tmp_path / "near.nrrd"), "--ref", str(tmp_path / "ref.nrrd"),
+               "--json", str(tmp_path / "near.json"), "--name", "Parotid", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "near.json").read_text())["segments"]["Parotid"]["dsc"] == pytest.approx(1.0)
+
+
 def test_evaluate_cohort_cli_dir_two_methods(tmp_path):
     from ParotidOARLib import segio
 

@@ -302,3 +302,34 @@ def test_cmake_lists_module_files_and_packages_engine():
     assert "ctkMacroCompilePythonScript" in text and "SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in text
     tests = (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"^\s*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}ModuleTest.py\)", tests, re.M)
+
+
+def _imported_modules(tree: ast.AST, package: str) -> list[str]:
+    """Every module an AST imports (at any depth), relative imports resolved against ``package``."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out.append(base)
+            out += [f"{base}.{a.name}" for a in node.names]  # `from . import commands`
+    return out
+
+
+def test_engine_never_imports_the_command_layer():
+    """ParotidOARLib/ is the engine: only __main__.py and commands/ may import commands/ (issue #15)."""
+    lib = REPO / "ParotidOARLib"
+    offenders = []
+    for path in sorted(lib.rglob("*.py")):
+        rel = path.relative_to(lib)
+        if rel.parts[0] == "commands" or rel.name == "__main__.py":
+            continue
+        package = ".".join(("ParotidOARLib",) + rel.parts[:-1])
+        for name in _imported_modules(ast.parse(path.read_text(encoding="utf-8")), package):
+            if name == "ParotidOARLib.commands" or name.startswith("ParotidOARLib.commands."):
+                offenders.append(f"{rel}: {name}")
+    assert not offenders, offenders

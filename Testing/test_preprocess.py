@@ -103,6 +103,53 @@ def test_validate_rejects_too_small():
         preprocess.validate_ct(ct, g, "thick")
 
 
+def test_validate_refuses_a_field_of_view_far_beyond_a_head_and_neck_ct():
+    """Issue #15 fault 4: a 10 mm isotropic scan of about 1 m ran for minutes; it is refused at once, with the
+    numbers. A real OpenKBP-like grid (128 x 128 x 128 at 4.7 x 4.7 x 2.5 mm) is still accepted."""
+    ct, g = synthetic_ct(size=(100, 100, 40), spacing=(10.0, 10.0, 10.0))
+    with pytest.raises(InputError, match=r"far beyond a head-and-neck CT \(1000x1000x400 mm, voxels 10x10x10 mm\)"):
+        preprocess.validate_ct(ct, g, "huge")
+    ct, g = synthetic_ct(size=(60, 60, 30), spacing=(8.0, 8.0, 8.0))  # 480 mm: the extent is fine, the voxels not
+    with pytest.raises(InputError, match="far beyond"):
+        preprocess.validate_ct(ct, g, "coarse")
+    ct, g = synthetic_ct(size=(128, 128, 128), spacing=(4.7, 4.7, 2.5))
+    preprocess.validate_ct(ct, g, "openkbp-like")
+
+
+def test_nan_infinite_and_sheared_inputs_are_refused(tmp_path):
+    """Issue #15 faults 7a and 7b: NaN/inf voxels in a float CT and a sheared direction matrix used to be
+    segmented silently (NaN cast to an arbitrary int16; the sheared grid treated as square)."""
+    ct, g = synthetic_ct(size=(64, 60, 24), spacing=(3.0, 3.0, 4.0))
+    bad = ct.astype(np.float32)
+    bad[10, 20, 30:35] = np.nan
+    bad[11, 20, 30] = np.inf
+    path = write_image(tmp_path / "nan.nrrd", bad, g)
+    with pytest.raises(InputError, match="5 NaN and 1 infinite voxel"):
+        preprocess.read_ct(path)
+    with pytest.raises(InputError, match="NaN"):
+        preprocess.to_int16(bad, "array")
+    c, s = np.cos(np.radians(80)), np.sin(np.radians(80))
+    sheared = Geometry(g.size, g.spacing, g.origin, (1, c, 0, 0, s, 0, 0, 0, 1))
+    path = write_image(tmp_path / "sheared.nrrd", ct, sheared)
+    array, geometry, _ = preprocess.read_ct(path)
+    with pytest.raises(InputError, match="sheared .* 80.0 degrees"):
+        preprocess.validate_ct(array, geometry, "sheared")
+    preprocess.validate_ct(ct, Geometry(g.size, g.spacing, g.origin, rotation_direction(20, 10, True)), "rotated")
+
+
+def test_negative_spacing_in_a_header_is_reported(tmp_path):
+    """Issue #15 fault 7c: ITK reads a negative MetaImage spacing as a flipped axis without a word."""
+    ct, g = synthetic_ct(size=(64, 60, 24), spacing=(3.0, 3.0, 4.0))
+    path = write_image(tmp_path / "ct.mha", ct, g, compress=False)
+    assert preprocess.read_ct(path)[2]["warnings"] == []
+    data = path.read_bytes()
+    assert b"ElementSpacing = 3 3 4" in data
+    path.write_bytes(data.replace(b"ElementSpacing = 3 3 4", b"ElementSpacing = 3 -3 4", 1))
+    _array, geometry, meta = preprocess.read_ct(path)
+    assert geometry.direction_matrix[1, 1] == -1  # what ITK made of it
+    assert len(meta["warnings"]) == 1 and "negative value" in meta["warnings"][0]
+
+
 # --------------------------------------------------------------------------- body, midline, side
 @pytest.mark.parametrize("offset", [-30.0, 0.0, 25.0])
 def test_midline_follows_the_body_not_the_image_centre(offset):

@@ -74,6 +74,32 @@ def test_log_is_append_only(tmp_path):
     assert len(log.read()[0]) == 3
 
 
+def test_append_writes_both_files_or_neither(tmp_path):
+    """Issue #15 fault 5: when the JSONL append fails, the CSV row is rolled back, so a retry does not
+    duplicate it (the JSONL path is made a folder: a real write failure)."""
+    log = ReviewLog(tmp_path / "log")
+    log.jsonl_path.mkdir()  # the very first append fails half-way: no CSV is left either
+    with pytest.raises(ReviewError, match="Cannot append"):
+        log.append([rec()])
+    assert not log.csv_path.exists()
+    log.jsonl_path.rmdir()
+    log.append([rec()])
+    csv_before, jsonl_before = log.csv_path.read_bytes(), log.jsonl_path.read_bytes()
+    log.jsonl_path.rename(tmp_path / "moved.jsonl")
+    log.jsonl_path.mkdir()
+    with pytest.raises(ReviewError, match="Cannot append"):
+        log.append([rec(segment="Skin", score=1)])
+    assert log.csv_path.read_bytes() == csv_before
+    log.jsonl_path.rmdir()
+    (tmp_path / "moved.jsonl").rename(log.jsonl_path)
+    log.append([rec(segment="Skin", score=1)])  # the retry
+    records, warnings = log.read()
+    assert warnings == [] and [r.segment for r in records] == ["Parotid", "Skin"]
+    jrecords, _ = review.read_log(log.jsonl_path)
+    assert [r.to_dict() for r in jrecords] == [r.to_dict() for r in records]
+    assert log.jsonl_path.read_bytes().startswith(jsonl_before)
+
+
 WRITER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {repo!r})

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GeometryError, InputError, OutputExistsError
+from ..errors import GeometryError, InputError
 
 
 def add_arguments(parser):
@@ -38,14 +38,6 @@ def add_arguments(parser):
     parser.add_argument("--csv", help="optional per-segment CSV")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def parse_name_map(text) -> dict[int, str] | None:
@@ -72,69 +64,11 @@ def parse_name_map(text) -> dict[int, str] | None:
     return out
 
 
-def _nonzero_values(array) -> np.ndarray:
-    """Sorted distinct non-zero values (bincount for small non-negative integers: no full sort)."""
-    if np.issubdtype(array.dtype, np.integer) and array.size:
-        lo, hi = int(array.min()), int(array.max())
-        if lo >= 0 and hi <= 1:  # the common binary mask: no histogram needed
-            return np.array([1] if hi else [], dtype=array.dtype)
-        if lo >= 0 and hi < 65536:
-            present = np.zeros(hi + 1, bool)
-            present[array.ravel()] = True
-            values = np.flatnonzero(present)
-            return values[values != 0].astype(array.dtype)
-    values = np.unique(array)
-    return values[values != 0]
-
-
-def load_masks(path, name_map=None, name=None) -> tuple[dict[str, np.ndarray], object, str]:
-    """Read an evaluation input → ({name: bool mask}, Geometry, kind) with kind seg|labelmap|mask."""
-    from .. import imageio, segio
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"Input not found: {path}.")
-    if path.name.lower().endswith(".seg.nrrd"):
-        masks, geom, _ = segio.read_seg(path)
-        if not masks:
-            raise InputError(f"{path} contains no segments.")
-        return masks, geom, "seg"
-    if not imageio.is_image_file(path):
-        raise InputError(f"{path}: unsupported input. Use a .seg.nrrd, a NRRD/NIfTI/MHA label map or mask.")
-    array, geom = imageio.read_image(path)
-    nonzero = _nonzero_values(array)
-    if name_map:
-        masks = {}
-        for value, seg_name in name_map.items():
-            masks[seg_name] = array == value
-        unknown = sorted(set(int(v) for v in nonzero) - set(name_map))
-        return masks, geom, "labelmap" + (f" (unnamed labels {unknown} ignored)" if unknown else "")
-    if nonzero.size > 1:
-        raise InputError(f"{path} holds {nonzero.size} label values ({', '.join(str(v) for v in nonzero[:8])}"
-                         f"{'...' if nonzero.size > 8 else ''}); pass --name-map to name them, "
-                         "e.g. '{\"1\": \"Parotid\"}'.")
-    return {name or _stem(path): array != 0}, geom, "mask"
-
-
-def resample_masks_to(masks: dict, geometry, target) -> dict:
-    """Nearest-neighbour resampling of boolean masks onto ``target`` (physical space, SimpleITK)."""
-    import SimpleITK as sitk
-
-    from ..imageio import to_sitk
-
-    ref = to_sitk(np.zeros(target.shape, np.uint8), target)
-    out = {}
-    for n, m in masks.items():
-        img = to_sitk(np.asarray(m, np.uint8), geometry)
-        res = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        out[n] = sitk.GetArrayFromImage(res).astype(bool)
-    return out
-
-
 def evaluate(pred_path, ref_path, segments=None, name_map=None, pred_name_map=None, ref_name_map=None,
              name=None, tolerances=None, dose_path=None) -> dict:
     """Load both inputs, align grids, compare; returns the JSON-ready result dict."""
     from .. import metrics
+    from ..segio import load_masks, lost_in_resampling, resample_masks_to
 
     pred_masks, pred_geom, pred_kind = load_masks(pred_path, pred_name_map or name_map, name)
     ref_masks, ref_geom, ref_kind = load_masks(ref_path, ref_name_map or name_map, name)
@@ -147,7 +81,13 @@ def evaluate(pred_path, ref_path, segments=None, name_map=None, pred_name_map=No
     if not pred_geom.same_grid(ref_geom):
         if not np.allclose(np.abs(np.linalg.det(pred_geom.direction_matrix)), 1, atol=1e-3):
             raise GeometryError(f"{pred_path} has a degenerate direction matrix.")
-        pred_masks = resample_masks_to(pred_masks, pred_geom, ref_geom)
+        resampled = resample_masks_to(pred_masks, pred_geom, ref_geom)
+        compared = segments or [n for n in resampled if n in ref_masks]
+        lost = lost_in_resampling(pred_masks, pred_geom, resampled, ref_geom, compared)
+        if lost:
+            raise GeometryError(f"The prediction {pred_path} does not overlap the reference {ref_path}: "
+                                f"{'; '.join(lost)}. Check that both files belong to the same scan.")
+        pred_masks = resampled
         notes.append(f"The prediction was on another grid (size {list(pred_geom.size)}, spacing "
                      f"{[round(s, 4) for s in pred_geom.spacing]} mm) and was resampled onto the reference grid "
                      "(nearest neighbour, physical space) before comparison.")
@@ -166,10 +106,9 @@ def evaluate(pred_path, ref_path, segments=None, name_map=None, pred_name_map=No
 
 def run(args) -> int:
     from .. import metrics
+    from ..imageio import check_outputs
 
-    for out in (args.json, args.csv):
-        if out and Path(out).exists() and not args.force:
-            raise OutputExistsError(f"{out} already exists. Choose another output or pass --force to replace it.")
+    check_outputs([args.json, args.csv], args.force)  # before any work
     result = evaluate(args.pred, args.ref, segments=args.segments, name_map=parse_name_map(args.name_map),
                       pred_name_map=parse_name_map(args.pred_name_map),
                       ref_name_map=parse_name_map(args.ref_name_map), name=args.name,

@@ -24,7 +24,7 @@ import csv
 import math
 from pathlib import Path
 
-from ..errors import InputError, OutputExistsError, ParotidOARError
+from ..errors import InputError, ParotidOARError
 
 TABLE_METRICS = (("dsc", "DSC", 3), ("jaccard", "Jaccard", 3), ("hd95_mm", "HD95 mm", 2),
                  ("precision", "Precision", 3), ("recall", "Recall", 3), ("surface_dsc", "Surface DSC", 3))
@@ -184,11 +184,10 @@ def summary_rows(result: dict) -> list[dict]:
 
 def run(args) -> int:
     from .. import metrics
+    from ..imageio import check_outputs
     from .evaluate import parse_name_map
 
-    for out in (args.json, args.csv, args.summary_csv):
-        if out and Path(out).exists() and not args.force:
-            raise OutputExistsError(f"{out} already exists. Choose another output or pass --force to replace it.")
+    check_outputs([args.json, args.csv, args.summary_csv], args.force)  # before any work
     jobs, notes = collect_jobs(args.source, args.pred_file, args.ref_file, args.compare_pred2, args.method_names)
     result = evaluate_cohort(jobs, segments=args.segments, name_map=parse_name_map(args.name_map),
                              tolerances=metrics.parse_tolerance_args(args.tolerance_mm), compare=args.compare,

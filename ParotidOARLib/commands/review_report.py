@@ -9,9 +9,8 @@ reported as warnings and skipped.
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from ..errors import OutputExistsError, ReviewError
+from ..errors import ReviewError
 
 
 def add_arguments(parser):
@@ -26,10 +25,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from .. import metrics, review
+    from ..imageio import check_outputs
 
-    for out in (args.json, args.csv, args.png):
-        if out and Path(out).exists() and not args.force:
-            raise OutputExistsError(f"{out} already exists. Choose another output or pass --force to replace it.")
+    check_outputs([args.json, args.csv, args.png], args.force)  # before any work
     records, warnings = review.read_logs(args.logs)
     for w in warnings:
         print(f"warning: {w}")

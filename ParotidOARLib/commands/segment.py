@@ -27,6 +27,9 @@ def add_arguments(p):
                    help="use this parotid contour instead of stage 1 (.seg.nrrd with a 'Parotid' segment, or a "
                         "binary mask NRRD/NIfTI; resampled to the CT grid if needed): the ROI and the six OARs "
                         "are built from it, e.g. after correcting stage 1's parotid")
+    p.add_argument("--no-side-check", dest="side_check", action="store_false",
+                   help="skip the wrong-side check (stage 1 also run, coarsely, on the other side: a warning when "
+                        "the chosen side's parotid looks intact and the other side's resected)")
     p.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation (about 2x slower)")
     p.add_argument("--progress-lines", action="store_true",
                    help="print machine-readable 'PROGRESS <0-100> <step>' lines on stdout")
@@ -52,7 +55,7 @@ def run(args) -> int:
         opts = SegmentOptions(side=args.side, model_dir=args.model, device=args.device,
                               roi_margin_mm=args.roi_margin_mm, tta=args.tta, force=args.force,
                               series_uid=args.series_uid, threads=args.threads, step=args.step,
-                              parotid_path=args.parotid)
+                              parotid_path=args.parotid, side_check=args.side_check)
         report = segment(args.input, args.out, opts, progress=prog, report_path=args.report,
                          rtstruct_path=args.rtstruct, dicom_seg_path=args.dicom_seg)
     finally:

@@ -299,8 +299,10 @@ def _rank0_first(world: int, rank: int):
 def run(args) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from ..inference import check_threads
+
+    if args.threads:  # 0 = torch's default
+        torch.set_num_threads(check_threads(args.threads))
     world, rank = _init_distributed()
     try:
         return _run(args, world, rank)
