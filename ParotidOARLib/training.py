@@ -206,7 +206,7 @@ class Stage1VolumeValidator:
         bun._models[("stage1", str(torch.device(dev_name)))] = net
         rows = []
         for patient, side, ct, g, ref in self.cases:
-            opts = cascade.SegmentOptions(side=side, device=dev_name, threads=self.threads)
+            opts = cascade.SegmentOptions(side=side, device=dev_name, threads=self.threads, side_check=False)
             try:
                 pred = cascade.run(ct, g, opts, bundle=bun, parotid_only=True).masks[L.PAROTID]
                 inter = float(np.count_nonzero(pred & ref))
