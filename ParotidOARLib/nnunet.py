@@ -543,7 +543,7 @@ def _dataset_label_names(dataset_json: dict) -> list[str]:
 
 def import_stage(results_dir, stage: int, out, *, folds=None, label_map=None, checkpoint: str = "final",
                  base=None, input_region: str | None = None, context_mm: float = 8.0, flip=None,
-                 name: str | None = None, version: str | None = None, force: bool = False) -> tuple[Path, dict]:
+                 name: str | None = None, version: str | None = None) -> tuple[Path, dict]:
     """Import an nnU-Net v2 model as stage ``stage`` of the bundle ``out`` → ``(out, summary)``.
 
     If ``out`` is an existing bundle, its other stage is kept and this stage replaced (the folder is
@@ -590,9 +590,7 @@ def import_stage(results_dir, stage: int, out, *, folds=None, label_map=None, ch
 
     for s in bundle.STAGES:
         stage_input_region(manifest, s)
-    if not adding and out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists. Pass --force to replace it.")
-    bundle.save_bundle(out, manifest, state_dicts, half=False, force=True if adding else force)
+    bundle.save_bundle(out, manifest, state_dicts, half=False, force=adding)
     bundle.verify(out)
     summary = {"bundle": str(out), "stage": st, "replaced_in_existing_bundle": adding,
                "other_stage_from": str(src.directory), "labels": imported.spec["labels"],
@@ -611,7 +609,22 @@ def _write_nifti(path: Path, array: np.ndarray, geometry) -> None:
     sitk.WriteImage(to_sitk(np.ascontiguousarray(array), geometry), str(path), True)
 
 
-def export_dataset(out_root, dataset_id: int, name: str, stage: int, items, force: bool = False) -> Path:
+def roi_context_crop(item: dict, context_mm: float = 8.0) -> dict:
+    """A stage-2 item (cut with extra context for the trainer's ROI jitter) → the crop the cascade gives
+    stage 2: the ROI's box plus ``context_mm`` (``item["roi"]`` is the ROI on the item's grid)."""
+    from .imageio import Geometry
+    from .roi import bounding_box
+
+    g = Geometry.from_dict(item["meta"]["geometry"])
+    pad = [int(np.ceil(context_mm / s - 1e-6)) for s in g.spacing_zyx]
+    lo, hi = bounding_box(item["roi"], pad)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    meta = dict(item["meta"], geometry=g.crop(lo, hi).to_dict())
+    return {"ct": item["ct"][sl], "label": item["label"][sl], "meta": meta}
+
+
+def export_dataset(out_root, dataset_id: int, name: str, stage: int, items, force: bool = False,
+                   context_mm: float | None = None) -> Path:
     """One nnU-Net raw dataset ``Dataset<id>_<name>`` from stage items (``ct`` int16, ``label`` uint8,
     ``meta.geometry``) → its folder. Written to a temporary sibling and renamed into place."""
     import os
@@ -650,7 +663,7 @@ def export_dataset(out_root, dataset_id: int, name: str, stage: int, items, forc
               "name": name, "description": f"ParotidOAR stage-{stage} "
               + ("side crops at the stage-1 grid" if stage == 1 else "ROI crops (parotid + 17 mm box + context)")
               + f". {NOT_CLINICAL}",
-              EXPORT_KEY: {"stage": stage, "input_region": "side" if stage == 1 else "roi",
+              EXPORT_KEY: {"stage": stage, "input_region": "side" if stage == 1 else "roi", "context_mm": context_mm,
                            "spacing_xyz": list(Geometry.from_dict(items[0]["meta"]["geometry"]).spacing),
                            "orientation": "LPS-aligned grid (identity direction), as the cascade feeds the network"}}
         (tmp / "dataset.json").write_text(json.dumps(ds, indent=2) + "\n")
