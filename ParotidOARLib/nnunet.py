@@ -484,6 +484,9 @@ def read_stage(results_dir, stage: int, folds=None, label_map=None, checkpoint: 
             raise ModelError(f"{p} was written by trainer {ck['trainer_name']}, but the folder names "
                              f"{folder['trainer']}.")
     cfg = resolve_configuration(plans, configuration)
+    if cfg.get("previous_stage"):
+        raise ModelError(f"{configuration} is nnU-Net's own cascade (it takes the {cfg['previous_stage']} "
+                         "segmentation as an extra input); import a 3d_fullres or 3d_lowres model instead.")
     t = plans.get("transpose_forward") or [0, 1, 2]
     arch = architecture(cfg, len(names), t, flip)
     spacing_zyx = to_array_order([float(v) for v in cfg["spacing"]], t)
