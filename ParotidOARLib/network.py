@@ -106,7 +106,7 @@ def _axes_in(x: torch.Tensor, config: UNetConfig) -> torch.Tensor:
     if config.input_flip:
         x = torch.flip(x, [2 + int(a) for a in config.input_flip])
     if config.input_axes and list(config.input_axes) != [0, 1, 2]:
-        x = x.permute(0, 1, *[2 + int(a) for a in config.input_axes])
+        x = x.permute(0, 1, *[2 + int(a) for a in config.input_axes]).contiguous()
     return x
 
 
@@ -114,7 +114,7 @@ def _axes_out(y: torch.Tensor, config: UNetConfig) -> torch.Tensor:
     """Inverse of :func:`_axes_in` for the network's output."""
     if config.input_axes and list(config.input_axes) != [0, 1, 2]:
         inverse = sorted(range(3), key=lambda j: int(config.input_axes[j]))
-        y = y.permute(0, 1, *[2 + j for j in inverse])
+        y = y.permute(0, 1, *[2 + j for j in inverse]).contiguous()
     if config.input_flip:
         y = torch.flip(y, [2 + int(a) for a in config.input_flip])
     return y

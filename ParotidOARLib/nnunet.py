@@ -378,8 +378,7 @@ def stage_labels(dataset_json: dict, stage: int, label_map=None) -> list[str]:
     for v in values[1:]:
         name = by_value[v]
         target = mapping.get(name, mapping.get(str(v)))
-        if target is None:
-            target = canonical_lower.get(name.lower())
+        target = canonical_lower.get(str(target if target is not None else name).lower(), target)
         if target not in L.STRUCTURES:
             bad.append(f"{name!r} (value {v})" + (f" -> {target!r}" if target else ""))
         out.append(target)

@@ -395,3 +395,32 @@ def test_export_nnunet_datasets(tmp_path):
     rc = main(["train", "--export-nnunet", str(out), "--work-dir", str(tmp_path / "work"), "--phantom-size", "small",
                "--stage", "1", "--stage1-phantom-cases", "1", "--no-progress"])
     assert rc == 2
+
+
+def test_stage1_trained_on_whole_ct_sees_the_whole_body_and_keeps_the_operated_side(tmp_path, monkeypatch):
+    from bundle_utils import make_tiny_bundle, synthetic_ct
+
+    from ParotidOARLib import inference, preprocess
+
+    seen = []
+    real = inference.sliding_window
+
+    def spy(net, image, *a, **kw):
+        seen.append(image.shape)
+        return real(net, image, *a, **kw)
+
+    monkeypatch.setattr(inference, "sliding_window", spy)
+    b = make_tiny_bundle(tmp_path / "b", stage1_bias=50.0)  # "parotid" everywhere
+    ct, geometry = synthetic_ct()  # a whole head section, 240 mm wide
+    opts = cascade.SegmentOptions(side="right", threads=1)
+    side = cascade.run(ct, geometry, opts, bundle=bundle.load_bundle(b), parotid_only=True)
+    m = json.loads((b / "manifest.json").read_text())
+    m["stages"]["stage1"]["input_region"] = "whole"
+    (b / "manifest.json").write_text(json.dumps(m))
+    whole = cascade.run(ct, geometry, opts, bundle=bundle.load_bundle(b), parotid_only=True)
+    assert len(seen) == 2 and seen[1][2] >= 1.8 * seen[0][2]  # x: the whole body, not the side half
+    mid = preprocess.body_midline_x(ct, geometry)
+    on_side = preprocess.side_halfspace_mask(geometry, "right", mid)
+    for r in (side, whole):
+        p = r.masks[labels.PAROTID]
+        assert p.any() and not (p & ~on_side).any()  # only the operated side, in both modes
