@@ -45,7 +45,15 @@ def run_both(ct, geometry, side, b):
     diffs = []
 
     def spline(array, geom, target, interpolator="linear", **kw):
-        out = original(array, geom, target, "bspline" if interpolator == "linear" else interpolator, **kw)
+        if interpolator != "linear":
+            return original(array, geom, target, interpolator, **kw)
+        # the spline reads a 4-voxel neighbourhood: resample from a generously padded source box, so
+        # the crop's border does not enter (nnU-Net resamples the whole image)
+        box = preprocess.source_index_box(geom, target, pad=4)
+        if box is None:
+            return original(array, geom, target, "bspline", **kw)
+        sl = tuple(slice(a, b) for a, b in zip(*box))
+        out = preprocess.resample_to(np.asarray(array)[sl], geom.crop(*box), target, "bspline", **kw)
         if np.asarray(array).dtype == np.int16 and out.dtype == np.float32:  # the CT, not a mask
             lin = original(array, geom, target, interpolator, **kw)
             d = np.abs(out - lin)
