@@ -259,7 +259,8 @@ def architecture(cfg: dict, num_classes: int, transpose_forward, flip=None):
               "n_conv_per_stage": cfg["n_conv_per_stage_encoder"],
               "n_conv_per_stage_decoder": cfg["n_conv_per_stage_decoder"], "conv_bias": True,
               "conv_op": "torch.nn.modules.conv.Conv3d" if len(cfg.get("patch_size", [])) == 3 else "Conv2d",
-              "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+              "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+              "norm_op_kwargs": {"eps": 1e-5, "affine": True},
               "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
         cls = PLAIN_UNET
     elif isinstance(arch, dict):
@@ -389,8 +390,9 @@ def stage_labels(dataset_json: dict, stage: int, label_map=None) -> list[str]:
                          f"{{\"{by_value[values[1]] if len(values) > 1 else 'label'}\": \"{allowed[0]}\"}}.")
     wrong = [n for n in out[1:] if n not in allowed]
     if wrong or len(out) < 2 or (stage == 1 and len(out) != 2):
-        raise InputError(f"A stage-{stage} model must output {'background + Parotid only' if stage == 1 else 'background + OARs among ' + ', '.join(L.OARS)}; "
-                         f"this one's labels map to {out[1:]}. Check --stage and --label-map.")
+        want = "background + Parotid only" if stage == 1 else "background + OARs among " + ", ".join(L.OARS)
+        raise InputError(f"A stage-{stage} model must output {want}; this one's labels map to {out[1:]}. "
+                         "Check --stage and --label-map.")
     if len(set(out)) != len(out):
         raise InputError(f"Two nnU-Net labels map to the same structure: {out[1:]}. Fix --label-map.")
     return out
@@ -527,7 +529,7 @@ def read_stage(results_dir, stage: int, folds=None, label_map=None, checkpoint: 
         "folds": [f for f, _, _ in loaded], "checkpoint": CHECKPOINTS[checkpoint],
         "epochs": [ck.get("current_epoch") for _, _, ck in loaded],
         "checkpoint_sha256": [bundle.sha256_file(p) for _, p, _ in loaded],
-        "label_names": [by for by in _dataset_label_names(dataset_json)],
+        "label_names": _dataset_label_names(dataset_json),
         "transpose_forward": [int(a) for a in t], "input_flip": arch.input_flip,
         "nnunet_resampling": {"data": {k: resampling.get(k) for k in ("order", "order_z", "force_separate_z")},
                               "parotidoar": "linear (SimpleITK) onto the stage grid"},
