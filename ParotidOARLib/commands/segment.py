@@ -27,7 +27,8 @@ def add_arguments(p):
                    help="use this parotid contour instead of stage 1 (.seg.nrrd with a 'Parotid' segment, or a "
                         "binary mask NRRD/NIfTI; resampled to the CT grid if needed): the ROI and the six OARs "
                         "are built from it, e.g. after correcting stage 1's parotid")
-    p.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation (about 2x slower)")
+    p.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation (about 2x slower); "
+                   "an imported nnU-Net stage mirrors along its checkpoint's axes instead (up to 8x)")
     p.add_argument("--progress-lines", action="store_true",
                    help="print machine-readable 'PROGRESS <0-100> <step>' lines on stdout")
     p.add_argument("--series-uid", default=None, help="DICOM: the series to use when the folder has several")
