@@ -95,8 +95,11 @@ def main(argv=None):
         lin, spl, diffs = run_both(ct, geom, side, b)
         dice = {n: round(_dice(lin.masks[n], spl.masks[n]), 4) for n in labels.STRUCTURES
                 if lin.masks[n].any() or spl.masks[n].any()}
+        vox = geom.voxel_volume_cc
+        vols = {n: [round(float(lin.masks[n].sum()) * vox, 2), round(float(spl.masks[n].sum()) * vox, 2)]
+                for n in labels.STRUCTURES}
         rows.append({"case": f"{kind}:{key}", "side": side, "input_difference": diffs, "dice_linear_vs_spline": dice,
-                     "seconds": round(time.time() - t0, 1)})
+                     "volumes_cc_linear_spline": vols, "seconds": round(time.time() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
     out = {"model": b.manifest.model_id, "what": "cascade with linear (shipped) vs third-order B-spline CT "
            "resampling onto the same stage grids; Dice between the two outputs", "cases": rows}
