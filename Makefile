@@ -17,6 +17,7 @@ $(STAMP): $(REQS)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -r requirements-test.txt
+	grep '^# no-deps: ' requirements-test.txt | cut -d' ' -f3- | xargs -r $(VPY) -m pip install -q --no-deps
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

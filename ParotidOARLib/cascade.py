@@ -261,6 +261,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
             from .errors import ModelError
             raise ModelError(f"Bundle {bundle.directory}: {st} patch {inference_patch(man, st)} is not a multiple of "
                              f"the network's {div}. Fix the manifest or retrain.")
+    for st in needed:
+        stage_input_region(man, st)  # a stage trained on another input region is refused here
     unknown = [] if parotid_only else [n for n in man.labels("stage2")[1:] if n not in labels.OARS]
     if unknown or man.labels("stage1")[1:] != [labels.PAROTID]:
         from .errors import ModelError
@@ -278,9 +280,12 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     # ---- preprocess: midline, side half on the stage-1 grid
     with timer("preprocess"):
         midline, midline_info = preprocess.body_midline(array, geometry)
-        lo, hi = _side_box(geometry, midline, midline_info, side)
-        if hi[0] - lo[0] < MIN_SIDE_WIDTH_MM:
-            raise InputError(f"{name}: the patient's {side} side is not in the image (only {max(hi[0] - lo[0], 0):.0f} mm "
+        side_lo, side_hi = _side_box(geometry, midline, midline_info, side)
+        # a stage 1 trained on the whole CT sees all of the body; its parotid is kept on the operated side
+        lo, hi = (side_lo, side_hi) if stage_input_region(man, "stage1") == "side" else \
+            _side_box(geometry, midline, midline_info, None)
+        if side_hi[0] - side_lo[0] < MIN_SIDE_WIDTH_MM:
+            raise InputError(f"{name}: the patient's {side} side is not in the image (only {max(side_hi[0] - side_lo[0], 0):.0f} mm "
                              f"of it beyond the body midline at x = {midline:.1f} mm LPS; need "
                              f"{MIN_SIDE_WIDTH_MM:.0f} mm). Check --side (left = patient left) and the scan.")
         sp1 = man.spacing("stage1")
@@ -337,7 +342,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         del ct2
         probs2 = sliding_window(net2, x2, patch2, len(man.labels("stage2")), device, step=options.step,
                                 tta=options.tta, pad_value=_normalised_air(norm2),
-                                progress=progress_mod.scaled(progress, "stage2"))
+                                progress=progress_mod.scaled(progress, "stage2"),
+                                mirror_axes=man.stage("stage2").get("mirror_axes"))
         del x2
 
     # ---- back to the input grid, inside the ROI box only
@@ -397,9 +403,12 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
     with timer("stage1"):
         probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device, step=options.step,
                                 tta=options.tta, pad_value=_normalised_air(norm1),
-                                progress=progress_mod.scaled(progress, "stage1"))
+                                progress=progress_mod.scaled(progress, "stage1"),
+                                mirror_axes=man.stage("stage1").get("mirror_axes"))
         fg1 = probs1[1]
         del probs1
+        if stage_input_region(man, "stage1") == "whole":  # only the operated side's parotid counts
+            fg1 = np.where(preprocess.side_halfspace_mask(g1, side, midline), fg1, 0.0).astype(np.float32)
         par1 = fg1 >= 0.5
         empty_msg = (f"Stage 1 found no parotid on the patient's {side} side of {name}. Check --side "
                      "(left = patient left), that the scan covers the parotid region, and the model. "
@@ -426,15 +435,15 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
     return parotid, par1_cc
 
 
-def _side_box(geometry: Geometry, midline: float, midline_info: dict, side: str):
+def _side_box(geometry: Geometry, midline: float, midline_info: dict, side: str | None):
     """LPS (lo, hi) of the stage-1 search box: the body (+ BODY_MARGIN_MM of air; a 500 mm field of view
-    is mostly air) on ``side`` of the midline."""
+    is mostly air) on ``side`` of the midline (``None``: both sides)."""
     lo, hi = preprocess.lps_bounds(geometry)
     blo, bhi = (np.asarray(v) for v in midline_info["body_box_lps"])
     lo, hi = np.maximum(lo, blo - BODY_MARGIN_MM), np.minimum(hi, bhi + BODY_MARGIN_MM)
     if side == "left":
         lo[0] = max(lo[0], midline)
-    else:
+    elif side == "right":
         hi[0] = min(hi[0], midline)
     return lo, hi
 
@@ -448,6 +457,9 @@ def _side_check(net1, array, geometry, man, options, device, norm1, midline, mid
 
     other = "right" if side == "left" else "left"
     out = {"chosen_side": side, "chosen_cc": round(chosen_cc, 2), "other_cc": None, "warning": None}
+    if stage_input_region(man, "stage1") != "side":
+        out["skipped"] = "stage 1 was trained on the whole CT, not on one side"
+        return out
     lo, hi = _side_box(geometry, midline, midline_info, other)
     if hi[0] - lo[0] < MIN_SIDE_WIDTH_MM:
         out["skipped"] = f"the patient's {other} side is not in the image"
@@ -515,6 +527,21 @@ def roi_masks_from_probabilities(probs: np.ndarray, prob_geometry: Geometry, geo
         m[sl] = lab == value
         masks[name] = m
     return masks
+
+
+#: what each stage may see: stage 1 the side half (the default) or the whole CT, stage 2 the ROI box + context
+INPUT_REGIONS = {"stage1": ("side", "whole"), "stage2": ("roi",)}
+
+
+def stage_input_region(man, stage: str) -> str:
+    """The stage's ``input_region`` from the manifest (default: side / roi); another one is a ModelError."""
+    region = man.stage(stage).get("input_region") or INPUT_REGIONS[stage][0]
+    if region not in INPUT_REGIONS[stage]:
+        from .errors import ModelError
+        raise ModelError(f"The bundle's {stage} was trained on the input region {region!r}, but the cascade's "
+                         f"{stage} sees {' or '.join(repr(r) for r in INPUT_REGIONS[stage])}. Use a {stage} "
+                         "model trained on that region (see docs/nnunet.md).")
+    return region
 
 
 def inference_patch(man, stage: str) -> tuple[int, int, int]:

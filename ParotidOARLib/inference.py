@@ -130,21 +130,28 @@ def window_starts(size: int, patch: int, step: float = 0.5) -> list[int]:
     return [int(round(v)) for v in np.linspace(0, size - patch, n)]
 
 
-def _mirror_axes(tta: bool):
+def _mirror_axes(tta: bool, axes=None):
     """Mirroring TTA: identity + left-right flip only. Stage grids are LPS-aligned, so tensor axis 4 (x) is
     left-right; training mirrors only that axis (the anatomy is not symmetric superior-inferior or
-    anterior-posterior), so flipping the other axes would show the network orientations it never saw."""
+    anterior-posterior), so flipping the other axes would show the network orientations it never saw.
+
+    ``axes`` (array axes, 0 = z, 1 = y, 2 = x): the axes the model was trained to be mirror-invariant
+    along (an imported nnU-Net stage's ``inference_allowed_mirroring_axes``); TTA then runs the
+    identity and every combination of them, as nnU-Net does."""
     if not tta:
         return [()]
-    return [(), (4,)]
+    if axes is None:
+        return [(), (4,)]
+    dims = [2 + int(a) for a in axes]
+    return [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
 
 def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device, *, step: float = 0.5,
                    tta: bool = False, pad_value: float = 0.0, progress=None, autocast: bool = True,
-                   channels_last: bool = False) -> np.ndarray:
+                   channels_last: bool = False, mirror_axes=None) -> np.ndarray:
     """Softmax probabilities ``float32 [C, z, y, x]`` for a normalised ``image [z, y, x]``.
 
-    ``progress(fraction)`` is called after each window (0..1).
+    ``progress(fraction)`` is called after each window (0..1). ``mirror_axes``: see :func:`_mirror_axes`.
     """
     import torch
 
@@ -159,7 +166,7 @@ def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device,
         image = buf
     starts = [window_starts(s, p, step) for s, p in zip(padded_shape, patch)]
     windows = list(itertools.product(*starts))
-    mirrors = _mirror_axes(tta)
+    mirrors = _mirror_axes(tta, mirror_axes)
     weight = torch.from_numpy(gaussian_weights(patch)).to(device)
     logits_sum = torch.zeros((num_classes,) + padded_shape, dtype=torch.float32, device=device)
     weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)

@@ -11,6 +11,14 @@
 
 The whole architecture is described by :class:`UNetConfig`, which is stored in
 the model bundle's manifest, so weights always load into the right network.
+
+The optional fields (all defaulting to the trainer's own network, so its state-dict
+keys never change) let the same class run networks trained by nnU-Net v2
+(``PlainConvUNet``, imported by :mod:`ParotidOARLib.nnunet`): explicit features per
+stage, convolutions per stage, biases on the convolutions and on the transposed
+convolutions (nnU-Net has them), the axis order and flips the network was trained
+with (nnU-Net's ``transpose_forward``), and a fold ensemble (logits averaged, as
+nnU-Net v2 does).
 """
 
 from __future__ import annotations
@@ -33,6 +41,21 @@ class UNetConfig:
     kernels: list | None = None
     deep_supervision: bool = True
     negative_slope: float = 0.01
+    #: explicit features per stage (overrides base_features / max_features), e.g. nnU-Net's features_per_stage
+    features_per_stage: list | None = None
+    #: convolutions per encoder stage / per decoder stage (default 2 each)
+    n_conv_per_stage: list | None = None
+    n_conv_per_stage_decoder: list | None = None
+    conv_bias: bool = True
+    #: bias on the transposed (upsampling) convolutions: nnU-Net has one (= conv_bias), our trainer does not
+    upsample_bias: bool = False
+    norm_eps: float = 1e-5
+    #: the network sees the (z, y, x) input with its axes in this order (nnU-Net's transpose_forward)
+    input_axes: list | None = None
+    #: array axes (0 = z, 1 = y, 2 = x) flipped before the network (and flipped back after it)
+    input_flip: list | None = None
+    #: > 1: that many networks with these settings, logits averaged (an nnU-Net fold ensemble)
+    ensemble: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,30 +66,58 @@ class UNetConfig:
 
     @property
     def features(self) -> list[int]:
+        if self.features_per_stage:
+            return [int(f) for f in self.features_per_stage]
         return [min(self.base_features * 2 ** i, self.max_features) for i in range(len(self.strides))]
 
     @property
     def divisor(self) -> tuple[int, int, int]:
-        """Patch sizes must be multiples of this, per (z, y, x) axis."""
+        """Patch sizes must be multiples of this, per (z, y, x) axis of the input array."""
         d = [1, 1, 1]
         for s in self.strides:
             d = [a * b for a, b in zip(d, s)]
+        if self.input_axes:  # d is in the network's axis order; network axis j is array axis input_axes[j]
+            out = [1, 1, 1]
+            for j, a in enumerate(self.input_axes):
+                out[int(a)] = d[j]
+            d = out
         return tuple(d)
 
 
 class ConvBlock(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel, stride, slope: float):
-        pad = [k // 2 for k in kernel]
+    def __init__(self, cin: int, cout: int, kernel, stride, slope: float, bias: bool = True, eps: float = 1e-5):
+        pad = [(k - 1) // 2 for k in kernel]
         super().__init__(
-            nn.Conv3d(cin, cout, kernel, stride=stride, padding=pad, bias=True),
-            nn.InstanceNorm3d(cout, eps=1e-5, affine=True),
+            nn.Conv3d(cin, cout, kernel, stride=stride, padding=pad, bias=bias),
+            nn.InstanceNorm3d(cout, eps=eps, affine=True),
             nn.LeakyReLU(slope, inplace=True),
         )
 
 
 class Stage(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel, stride, slope: float):
-        super().__init__(ConvBlock(cin, cout, kernel, stride, slope), ConvBlock(cout, cout, kernel, 1, slope))
+    def __init__(self, cin: int, cout: int, kernel, stride, slope: float, n_conv: int = 2, bias: bool = True,
+                 eps: float = 1e-5):
+        super().__init__(*[ConvBlock(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, slope, bias, eps)
+                           for i in range(int(n_conv))])
+
+
+def _axes_in(x: torch.Tensor, config: UNetConfig) -> torch.Tensor:
+    """Array-order input (B, C, z, y, x) → the orientation the network was trained with."""
+    if config.input_flip:
+        x = torch.flip(x, [2 + int(a) for a in config.input_flip])
+    if config.input_axes and list(config.input_axes) != [0, 1, 2]:
+        x = x.permute(0, 1, *[2 + int(a) for a in config.input_axes]).contiguous()
+    return x
+
+
+def _axes_out(y: torch.Tensor, config: UNetConfig) -> torch.Tensor:
+    """Inverse of :func:`_axes_in` for the network's output."""
+    if config.input_axes and list(config.input_axes) != [0, 1, 2]:
+        inverse = sorted(range(3), key=lambda j: int(config.input_axes[j]))
+        y = y.permute(0, 1, *[2 + j for j in inverse]).contiguous()
+    if config.input_flip:
+        y = torch.flip(y, [2 + int(a) for a in config.input_flip])
+    return y
 
 
 class UNet3D(nn.Module):
@@ -74,23 +125,39 @@ class UNet3D(nn.Module):
         super().__init__()
         self.config = config
         feats = config.features
-        kernels = config.kernels or [[3, 3, 3]] * len(config.strides)
+        n = len(config.strides)
+        if len(feats) != n:
+            raise ValueError(f"features_per_stage has {len(feats)} entries for {n} stages")
+        kernels = config.kernels or [[3, 3, 3]] * n
+        n_enc = config.n_conv_per_stage or [2] * n
+        n_dec = config.n_conv_per_stage_decoder or [2] * (n - 1)
         slope = config.negative_slope
+        bias, eps = bool(config.conv_bias), float(config.norm_eps)
         self.encoder = nn.ModuleList()
         cin = config.in_channels
-        for f, s, k in zip(feats, config.strides, kernels):
-            self.encoder.append(Stage(cin, f, k, s, slope))
+        for f, s, k, nc in zip(feats, config.strides, kernels, n_enc):
+            self.encoder.append(Stage(cin, f, k, s, slope, nc, bias, eps))
             cin = f
         self.up = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.heads = nn.ModuleList()
-        for level in range(len(feats) - 1, 0, -1):  # from the bottleneck up
+        for d, level in enumerate(range(n - 1, 0, -1)):  # from the bottleneck up
             s = config.strides[level]
-            self.up.append(nn.ConvTranspose3d(feats[level], feats[level - 1], s, stride=s, bias=False))
-            self.decoder.append(Stage(2 * feats[level - 1], feats[level - 1], kernels[level - 1], 1, slope))
+            self.up.append(nn.ConvTranspose3d(feats[level], feats[level - 1], s, stride=s,
+                                              bias=bool(config.upsample_bias)))
+            self.decoder.append(Stage(2 * feats[level - 1], feats[level - 1], kernels[level - 1], 1, slope,
+                                      n_dec[d], bias, eps))
             self.heads.append(nn.Conv3d(feats[level - 1], config.num_classes, 1))
 
     def forward(self, x: torch.Tensor):
+        x = _axes_in(x, self.config)
+        out = self._forward_net(x)
+        if isinstance(out, list):
+            return [_axes_out(o, self.config) for o in out]
+        return _axes_out(out, self.config)
+
+    def _forward_net(self, x: torch.Tensor):
+        """The U-Net itself, on an input already in the network's orientation."""
         skips = []
         for stage in self.encoder:
             x = stage(x)
@@ -106,9 +173,31 @@ class UNet3D(nn.Module):
         return outputs[-1]
 
 
-def build(config: UNetConfig | dict) -> UNet3D:
+class Ensemble(nn.Module):
+    """``config.ensemble`` U-Nets with the same architecture (nnU-Net folds); forward = mean of their logits
+    (nnU-Net v2 averages the folds' logits too). Inference only: always the full-resolution output."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        member = UNetConfig.from_dict({**config.to_dict(), "ensemble": 1, "deep_supervision": False})
+        self.members = nn.ModuleList(UNet3D(member) for _ in range(int(config.ensemble)))
+
+    def forward(self, x: torch.Tensor):
+        x = _axes_in(x, self.config)
+        out = None
+        for m in self.members:
+            y = m._forward_net(x)
+            y = y[0] if isinstance(y, list) else y
+            out = y if out is None else out + y
+        return _axes_out(out / len(self.members), self.config)
+
+
+def build(config: UNetConfig | dict) -> nn.Module:
     if isinstance(config, dict):
         config = UNetConfig.from_dict(config)
+    if int(config.ensemble) > 1:
+        return Ensemble(config)
     return UNet3D(config)
 
 

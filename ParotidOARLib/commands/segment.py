@@ -30,7 +30,8 @@ def add_arguments(p):
     p.add_argument("--no-side-check", dest="side_check", action="store_false",
                    help="skip the wrong-side check (stage 1 also run, coarsely, on the other side: a warning when "
                         "the chosen side's parotid looks intact and the other side's resected)")
-    p.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation (about 2x slower)")
+    p.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation (about 2x slower); "
+                   "an imported nnU-Net stage mirrors along its checkpoint's axes instead (up to 8x)")
     p.add_argument("--progress-lines", action="store_true",
                    help="print machine-readable 'PROGRESS <0-100> <step>' lines on stdout")
     p.add_argument("--series-uid", default=None, help="DICOM: the series to use when the folder has several")

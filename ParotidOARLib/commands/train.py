@@ -85,6 +85,11 @@ def add_arguments(p):
                    help="stage 1: every N epochs, segment every validation sample whole through the segment code "
                         "path and keep the best mean DSC as checkpoint_best_volume.pt (0 = never)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export-nnunet", default=None, metavar="DIR",
+                   help="do not train: write the stage-1 side crops and stage-2 ROI crops (of --data and/or the "
+                        "phantoms) as nnU-Net raw datasets in DIR, to train with nnUNetv2_train (docs/nnunet.md)")
+    p.add_argument("--nnunet-ids", type=int, nargs=2, default=[501, 502], metavar=("ID1", "ID2"),
+                   help="nnU-Net dataset ids of the exported stage-1 and stage-2 datasets (default 501 502)")
 
 
 def _log(msg):
@@ -320,6 +325,10 @@ def _run(args, world: int, rank: int) -> int:
     if rank == 0:
         print("Research use only - not for clinical use.", file=sys.stderr)
     cmdline = "python -m ParotidOARLib train " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["train"] else sys.argv[1:])
+    if args.export_nnunet:
+        if world > 1:
+            raise ParotidOARError("--export-nnunet runs in one process; do not start it with torchrun.")
+        return export_nnunet(args, work)
     data_desc = {"description": "", "sources": []}
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
     if args.one_step:
@@ -390,6 +399,53 @@ def _run(args, world: int, rank: int) -> int:
     if args.out and rank == 0:
         out = write_bundle_from_work(work, args.out, force=args.force, which=args.checkpoint)
         _log(f"bundle written: {out}")
+    return 0
+
+
+def export_nnunet(args, work: Path) -> int:
+    """``--export-nnunet DIR``: the training crops of the chosen stages as nnU-Net raw datasets
+    (all cases, training and validation: nnU-Net makes its own five-fold split)."""
+    from .. import nnunet
+
+    stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
+    out = Path(args.export_nnunet)
+    written = []
+    if 1 in stages:
+        items = []
+        if args.data:
+            tr, va, _ = stage1_data(args, work)
+            items += tr + va
+        if args.stage1_phantom_cases:
+            items += phantom_items(args.stage1_phantom_cases, 300000, 1, args)
+        if not items:
+            raise ParotidOARError("Nothing to export for stage 1: give --data and/or --stage1-phantom-cases N.")
+        written.append(nnunet.export_dataset(out, args.nnunet_ids[0], "ParotidOARStage1", 1, items, force=args.force))
+    if 2 in stages:
+        items, skipped = [], []
+        if args.data and args.format != "openkbp":
+            tr, va, _ = stage2_data(args, work)
+            for it in tr + va:  # nnU-Net has no partial labels: a case must have all six OARs
+                if "channel_mask" in it and not all(int(v) for v in it["channel_mask"]):
+                    skipped.append(it["meta"].get("patient", "?"))
+                else:
+                    items.append(it)
+        if args.phantom_cases:
+            items += phantom_items(args.phantom_cases, 100000, 2, args)
+            items += phantom_items(args.phantom_val_cases, 200000, 2, args)
+        if skipped:
+            _log(f"stage 2: {len(skipped)} case(s) without all six OARs left out (nnU-Net needs full labels): "
+                 + ", ".join(skipped))
+        if not items:
+            raise ParotidOARError("Nothing to export for stage 2: give a --data folder with the six OARs and/or "
+                                  "--phantom-cases N.")
+        context = 8.0  # as the cascade crops stage 2 (cascade.STAGE2_CONTEXT_MM)
+        items = [nnunet.roi_context_crop(it, context) for it in items]
+        written.append(nnunet.export_dataset(out, args.nnunet_ids[1], "ParotidOARStage2", 2, items, force=args.force,
+                                             context_mm=context))
+    for d in written:
+        _log(f"nnU-Net dataset written: {d} ({len(list((d / 'labelsTr').iterdir()))} cases)")
+    print("Research use only - not for clinical use. Next: nnUNetv2_plan_and_preprocess, nnUNetv2_train, then "
+          "python -m ParotidOARLib models import-nnunet (docs/nnunet.md).")
     return 0
 
 
