@@ -1,4 +1,5 @@
-"""``python -m ParotidOARLib <command> …`` — the headless entry point.
+"""``parotid-oar <command> …`` (the same as ``python -m ParotidOARLib <command> …``) — the
+headless entry point.
 
 Each command lives in ``ParotidOARLib/commands/<module>.py`` and defines
 ``add_arguments(parser)`` (argument parsing only) and ``run(args) -> int``
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -34,9 +36,15 @@ COMMANDS = {
 }
 
 
+def prog_name() -> str:
+    """``parotid-oar`` when run as the console command, else ``python -m ParotidOARLib``."""
+    base = os.path.basename(sys.argv[0] or "")
+    return "parotid-oar" if base.startswith("parotid-oar") else "python -m ParotidOARLib"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ParotidOARLib",
+        prog=prog_name(),
         description="ParotidOAR: two-stage parotid and organ-at-risk segmentation for parotid brachytherapy. "
                     "Research use only - not for clinical use.")
     parser.add_argument("--version", action="version", version=f"ParotidOAR {__version__}")
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the '{name}' command is not available in this version.", file=sys.stderr)
             return 2
         raise
-    sub = argparse.ArgumentParser(prog=f"python -m ParotidOARLib {name}", description=help_text)
+    sub = argparse.ArgumentParser(prog=f"{prog_name()} {name}", description=help_text)
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     try:
