@@ -539,7 +539,11 @@ _REPORT_INPUT_KEYS = ("format", "modality", "study_instance_uid", "series_instan
 
 def segment(input_path, out_path, options: SegmentOptions, progress=None, report_path=None,
             rtstruct_path=None, dicom_seg_path=None, warn=True) -> dict:
-    """Read ``input_path``, run the cascade, write ``out_path`` (``.seg.nrrd``) and optional outputs.
+    """Read ``input_path``, run the cascade, write ``out_path`` and optional outputs.
+
+    ``out_path`` ending in ``.seg.nrrd`` is a Slicer segmentation (every structure and the ROI);
+    ``.nii.gz``, ``.nii`` or ``.nrrd`` is a uint8 label map of the seven structures with a JSON of
+    label names and values beside it (``x.nii.gz`` → ``x.labels.json``; :func:`segio.write_labelmap`).
 
     All outputs are written to temporary siblings first and renamed into place
     only when every one succeeded; on any error or cancellation nothing is left.
@@ -553,13 +557,16 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     if not input_path.exists():
         raise InputError(f"Input not found: {input_path}. Check the path.")
     check_options(options)
-    outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
+    labelmap_fmt = segio.labelmap_suffix(out_path)
+    if labelmap_fmt is None and not segio.is_seg_path(out_path):
+        raise InputError(f"The output {out_path} must end in .seg.nrrd (a Slicer segmentation) or .nii.gz, .nii "
+                         "or .nrrd (a label map with a JSON of label names beside it).")
+    labels_json = segio.labels_json_path(out_path) if labelmap_fmt else None
+    outputs = [out_path, report_path, rtstruct_path, dicom_seg_path, labels_json]
     imageio.check_outputs(outputs, options.force)  # every output writable, before any work
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
         raise InputError("--rtstruct/--dicom-seg need the input to be a DICOM CT series folder (they reference "
                          f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
-    if not str(out_path).lower().endswith(".seg.nrrd"):
-        raise InputError(f"The output {out_path} must end in .seg.nrrd.")
     if options.parotid_path and not Path(options.parotid_path).exists():
         raise InputError(f"Parotid contour not found: {options.parotid_path}. Check the --parotid path.")
 
@@ -582,12 +589,20 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     t_write = time.perf_counter()
     # every output goes to a temporary sibling; all are published only when all are written, and never
     # over a file that exists (even one that appeared during the run) unless --force
-    with imageio.staged_outputs(outputs, options.force) as (seg_tmp, report_tmp, rtstruct_tmp, dicom_seg_tmp):
+    with imageio.staged_outputs(outputs, options.force) as (seg_tmp, report_tmp, rtstruct_tmp, dicom_seg_tmp,
+                                                            labels_tmp):
         header = {"ParotidOAR_Model": result.report["model"]["id"], "ParotidOAR_Version": __version__,
                   "ParotidOAR_Side": result.side}
         if result.report["notice"]:
             header["ParotidOAR_Notice"] = result.report["notice"]
-        segio.write_seg(seg_tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
+        if labelmap_fmt:
+            segio.write_labelmap(seg_tmp, result.all_masks(), geometry, json_path=labels_tmp, side=result.side,
+                                 force=True, fmt=labelmap_fmt, name=out_path.name,
+                                 extra={"model": result.report["model"]["id"], "version": __version__,
+                                        "notice": result.report["notice"]})
+        else:
+            segio.write_seg(seg_tmp, result.all_masks(), geometry, side=result.side, force=True,
+                            extra_header=header)
         if progress:
             progress(95, "write")
         from . import dicomseg, rtstruct  # (highdicom, pydicom are imported only when writing)
@@ -604,7 +619,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
                            **{k: v for k, v in meta.items() if k in _REPORT_INPUT_KEYS}}
         report["outputs"] = {"seg": str(out_path), "report": str(report_path) if report_path else None,
                              "rtstruct": str(rtstruct_path) if rtstruct_path else None,
-                             "dicom_seg": str(dicom_seg_path) if dicom_seg_path else None}
+                             "dicom_seg": str(dicom_seg_path) if dicom_seg_path else None,
+                           "labels_json": str(labels_json) if labels_json else None}
         report["timings"]["read"] = round(t_read, 4)
         report["timings"]["write"] = round(time.perf_counter() - t_write, 4)
         report["timings"]["total"] = round(time.perf_counter() - t0, 4)

@@ -16,7 +16,10 @@ def add_arguments(p):
     p.add_argument("input", help="CT: NRRD / NIfTI / MHA file or a DICOM series folder")
     p.add_argument("--side", required=True, choices=["left", "right"],
                    help="operated side (patient left = LPS +x)")
-    p.add_argument("--out", required=True, help="output segmentation (.seg.nrrd)")
+    p.add_argument("--out", required=True,
+                   help="output: .seg.nrrd (a Slicer segmentation with every structure and the ROI; the default "
+                        "choice), or .nii.gz / .nii / .nrrd (a uint8 label map of the seven structures, with "
+                        "OUT-STEM.labels.json beside it naming each label value)")
     p.add_argument("--model", default=None, help="model bundle folder (default: the installed "
                                                  "parotid-oar-research-v1)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

@@ -194,7 +194,8 @@ def cases(inp: Inputs):
                       "--model", str(inp.bundle)])
     yield Case("empty file", "", "error", ("cannot read",)), empty_file
 
-    yield Case("output not .seg.nrrd", "", "error", (".seg.nrrd",)), simple(lambda d: seg("--out", d / "o.nrrd"))
+    yield Case("output not .seg.nrrd or a label map", "", "error", (".seg.nrrd",)), \
+        simple(lambda d: seg("--out", d / "o.png"))
 
     def exists(d):
         (d / "o.seg.nrrd").write_text("the user's segmentation")
