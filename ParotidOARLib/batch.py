@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ from pathlib import Path
 from . import labels
 from .errors import InputError, OutputError, ParotidOARError
 from .imageio import atomic_file, check_output, is_image_file
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "batch-summary.csv"
 TIMING_STEPS = ("read", "stage1", "stage2", "total")
@@ -207,13 +210,23 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
         check_output(out_dir / SUMMARY_NAME, force=True, what="output folder")
     rows: list[dict] = []
     total = len(cases)
+    run_seconds: list[float] = []  # cases segmented in this run: the estimate of the time left
+
+    def _log(message, level=logging.INFO):
+        # printed (stdout) as before; the log gets it at DEBUG so that -v does not show it twice
+        # and --log-file records it
+        logger.debug("%s%s", "" if level <= logging.INFO else "warning: ", message)
+        log(message)
+
     try:
         for n, case in enumerate(cases, start=1):
             seg_path, report_path = output_paths(out_dir, case.case_id)
-            prefix = f"[{n}/{total}] {case.case_id}"
+            left = (f", ~{sum(run_seconds) / len(run_seconds) * (total - n + 1):.0f} s left" if run_seconds
+                    else "")
+            prefix = f"[{n}/{total}{left}] {case.case_id}"
             if case.error:
                 rows.append(summary_row(case, "failed", case.error))
-                log(f"{prefix}: FAILED: {case.error}")
+                _log(f"{prefix}: FAILED: {case.error}", logging.WARNING)
                 continue
             if not force and seg_path.exists() and report_path.exists():
                 try:
@@ -221,7 +234,7 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
                 except (OSError, ValueError):
                     report = {}
                 rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None, report))
-                log(f"{prefix}: skipped (done; --force to redo)")
+                _log(f"{prefix}: skipped (done; --force to redo)")
                 continue
             options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
                                              roi_margin_mm=roi_margin_mm, tta=tta, force=force,
@@ -231,20 +244,21 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
                 report = cascade.segment(case.input, seg_path, options, report_path=report_path, warn=n == 1)
             except ParotidOARError as exc:
                 rows.append(summary_row(case, "failed", str(exc), time.perf_counter() - t0))
-                log(f"{prefix}: FAILED: {exc}")
+                _log(f"{prefix}: FAILED: {exc}", logging.WARNING)
                 continue
             except (MemoryError, RuntimeError, ValueError, OSError) as exc:  # a bad case must not stop the batch
                 message = f"{type(exc).__name__}: {exc}"
                 rows.append(summary_row(case, "failed", message, time.perf_counter() - t0))
-                log(f"{prefix}: FAILED: {message}")
+                _log(f"{prefix}: FAILED: {message}", logging.WARNING)
                 continue
             seconds = time.perf_counter() - t0
+            run_seconds.append(seconds)
             rows.append(summary_row(case, "ok", "", seconds, report))
-            log(f"{prefix}: ok in {seconds:.1f} s -> {seg_path}")
+            _log(f"{prefix}: ok in {seconds:.1f} s -> {seg_path}")
     finally:
         write_summary(summary_path, rows)  # also after Ctrl-C: the finished cases stay documented
     n_failed = sum(r["status"] == "failed" for r in rows)
     n_ok = sum(r["status"] == "ok" for r in rows)
     n_skip = sum(r["status"] == "skipped" for r in rows)
-    log(f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}")
+    _log(f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}")
     return rows

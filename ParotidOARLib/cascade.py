@@ -26,6 +26,7 @@ without ``force``) and the JSON report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,8 @@ import numpy as np
 from . import __version__, imageio, labels, preprocess, progress as progress_mod, roi as roi_mod
 from .errors import EmptyStructureError, GeometryError, InputError
 from .imageio import Geometry
+
+log = logging.getLogger(__name__)
 
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
 STAGE2_CONTEXT_MM = 8.0
@@ -558,12 +561,12 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
         raise InputError(f"Input not found: {input_path}. Check the path.")
     check_options(options)
     labelmap_fmt = segio.labelmap_suffix(out_path)
-    if labelmap_fmt is None and not segio.is_seg_path(out_path):
-        raise InputError(f"The output {out_path} must end in .seg.nrrd (a Slicer segmentation) or .nii.gz, .nii "
-                         "or .nrrd (a label map with a JSON of label names beside it).")
     labels_json = segio.labels_json_path(out_path) if labelmap_fmt else None
     outputs = [out_path, report_path, rtstruct_path, dicom_seg_path, labels_json]
     imageio.check_outputs(outputs, options.force)  # every output writable, before any work
+    if labelmap_fmt is None and not segio.is_seg_path(out_path):
+        raise InputError(f"The output {out_path} must end in .seg.nrrd (a Slicer segmentation) or .nii.gz, .nii "
+                         "or .nrrd (a label map with a JSON of label names beside it).")
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
         raise InputError("--rtstruct/--dicom-seg need the input to be a DICOM CT series folder (they reference "
                          f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
@@ -572,6 +575,7 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
 
     # load the model first: a missing/corrupt bundle fails before the (slow) read
     bundle = load_model_bundle(options.model_dir)
+    log.info("model %s from %s (verified)", bundle.manifest.model_id, bundle.directory)
     if warn and not bundle.manifest.clinical_use:
         print(RESEARCH_WARNING, file=sys.stderr, flush=True)
     if progress:
@@ -579,6 +583,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     t_read = time.perf_counter()
     array, geometry, meta = preprocess.read_ct(input_path, series_uid=options.series_uid)
     t_read = time.perf_counter() - t_read
+    log.info("read %s: %s voxels, spacing %s mm, in %.1f s", input_path, "x".join(map(str, geometry.size)),
+             ", ".join(f"{v:g}" for v in geometry.spacing), t_read)
     if progress:
         progress(progress_mod.STEPS["read"][1], "read")
     parotid = read_parotid(options.parotid_path, geometry) if options.parotid_path else None
@@ -629,6 +635,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
             report_tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr, flush=True)
+    log.info("wrote %s", ", ".join(str(p) for p in outputs if p))
+    log.debug("timings (s): %s", report["timings"])
     if progress:
         progress(100, "write")
     return report

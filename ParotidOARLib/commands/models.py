@@ -17,19 +17,7 @@ from __future__ import annotations
 import json
 
 
-EXAMPLES = """examples:
-  parotid-oar models list
-  parotid-oar models list --json
-  parotid-oar models verify parotid-oar-research-v1
-  parotid-oar models install path/to/bundle --force
-"""
-
-
 def add_arguments(p):
-    import argparse
-
-    p.epilog = EXAMPLES
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = sub.add_parser("list", help="list installed bundles and whether they verify")
     ls.add_argument("--root", default=None, help="list only this models folder (default: the user's models "
