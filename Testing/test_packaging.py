@@ -137,3 +137,20 @@ def test_engine_and_slicer_module_share_the_user_models_folder(monkeypatch, tmp_
     monkeypatch.delenv(bundle.MODELS_ENV, raising=False)
     assert bundle.install_root() == bundle.user_models_dir()
     assert not bundle.install_root().is_relative_to(REPO)
+
+
+def test_installed_demo_runs_from_another_folder_with_the_shipped_model(venv, tmp_path):
+    """`pip install .` then `parotid-oar demo` from any folder: the shipped model segments the phantom."""
+    exe = venv / "bin" / "parotid-oar"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = _run([exe, "demo", "--out", "demo-output", "--size", "small", "--device", "cpu"], cwd=elsewhere,
+             env=_env(tmp_path), timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Segmenting with the model bundle" in r.stdout and str(venv.resolve()) in r.stdout
+    assert "not for clinical use" in r.stdout.lower()
+    seg = next((elsewhere / "demo-output").glob("*/segmentation.seg.nrrd"))
+    from ParotidOARLib import segio
+
+    masks, _, _ = segio.read_seg(seg)
+    assert masks["Parotid"].sum() > 100
