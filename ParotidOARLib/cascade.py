@@ -541,7 +541,7 @@ _REPORT_INPUT_KEYS = ("format", "modality", "study_instance_uid", "series_instan
 
 
 def segment(input_path, out_path, options: SegmentOptions, progress=None, report_path=None,
-            rtstruct_path=None, dicom_seg_path=None, warn=True) -> dict:
+            rtstruct_path=None, dicom_seg_path=None, warn=True, bundle=None) -> dict:
     """Read ``input_path``, run the cascade, write ``out_path`` and optional outputs.
 
     ``out_path`` ending in ``.seg.nrrd`` is a Slicer segmentation (every structure and the ROI);
@@ -550,7 +550,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
 
     All outputs are written to temporary siblings first and renamed into place
     only when every one succeeded; on any error or cancellation nothing is left.
-    Returns the report dict (also written to ``report_path`` as JSON).
+    Returns the report dict (also written to ``report_path`` as JSON). ``bundle``: an already loaded
+    and verified model bundle (a batch loads it once), else ``options.model_dir`` is loaded.
     """
     from . import segio
 
@@ -574,8 +575,9 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
         raise InputError(f"Parotid contour not found: {options.parotid_path}. Check the --parotid path.")
 
     # load the model first: a missing/corrupt bundle fails before the (slow) read
-    bundle = load_model_bundle(options.model_dir)
-    log.info("model %s from %s (verified)", bundle.manifest.model_id, bundle.directory)
+    if bundle is None:
+        bundle = load_model_bundle(options.model_dir)
+        log.info("model %s from %s (verified)", bundle.manifest.model_id, bundle.directory)
     if warn and not bundle.manifest.clinical_use:
         print(RESEARCH_WARNING, file=sys.stderr, flush=True)
     if progress:
