@@ -137,9 +137,23 @@ def _split_global_options(argv: list[str]) -> tuple[list[str], list[str]]:
     return lead, argv[i:]
 
 
-def setup_logging(verbose: int = 0, quiet: bool = False, log_file=None) -> None:
-    """The ``ParotidOARLib`` logger: WARNING on stderr (INFO with -v, DEBUG with -vv, ERROR with -q),
-    and everything (DEBUG, with times) appended to ``log_file``."""
+def _stderr_handler():
+    import logging
+
+    class Handler(logging.StreamHandler):
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    return Handler()
+
+
+def teardown_logging() -> None:
+    """Remove (and close) the handlers :func:`setup_logging` added; the logger propagates again."""
     import logging
 
     log = logging.getLogger("ParotidOARLib")
@@ -147,9 +161,20 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file=None) -> None:
         if getattr(h, "_parotidoar", False):
             log.removeHandler(h)
             h.close()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False, log_file=None) -> None:
+    """The ``ParotidOARLib`` logger: WARNING on stderr (INFO with -v, DEBUG with -vv, ERROR with -q),
+    and everything (DEBUG, with times) appended to ``log_file``."""
+    import logging
+
+    teardown_logging()
+    log = logging.getLogger("ParotidOARLib")
     level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else
                                          logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
+    err = _stderr_handler()
     err.setLevel(level)
     err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     err._parotidoar = True
@@ -213,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("%s cancelled", name)
         print("error: cancelled; no partial output was left.", file=sys.stderr)
         return EXIT_CANCELLED
+    finally:
+        teardown_logging()  # main() called in-process (tests, scripts) leaves logging as it found it
 
 
 if __name__ == "__main__":

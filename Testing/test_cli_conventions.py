@@ -92,3 +92,16 @@ def test_verbose_quiet_and_log_file(tmp_path, tiny_bundle):
     # an unwritable log file is a user error, before any work
     r = _cli("--log-file", tmp_path / "no" / "x.log", "models", "list")
     assert r.returncode == EXIT_USER_ERROR and "log file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_in_process_main_leaves_logging_as_it_was(tmp_path, capsys):
+    import logging
+
+    log = logging.getLogger("ParotidOARLib")
+    before = (list(log.handlers), log.propagate, log.level)
+    assert main(["-v", "--log-file", str(tmp_path / "x.log"), "models", "list", "--root", str(tmp_path)]) == 0
+    assert (list(log.handlers), log.propagate, log.level) == before
+    assert "models list" in (tmp_path / "x.log").read_text()
+    # a later message goes to whatever stderr is current, not to a stream a finished run captured
+    logging.getLogger("ParotidOARLib.test").warning("after the run")
+    assert "Logging error" not in capsys.readouterr().err
