@@ -23,6 +23,16 @@ Outputs (:func:`run_batch`): ``OUT/<case>.seg.nrrd`` and
 volumes and per-step times. Cases whose two outputs already exist are
 skipped unless ``force``. A failed case is reported and the batch goes on;
 the CLI exits with code 1 when any case failed.
+
+The model is loaded and verified once per batch, not once per case. A case is **claimed** before
+it is started: ``OUT/.<case>.claim`` is created exclusively (holding the host and process id) and
+removed when the case ends, so several batches started on one list (or one folder) never segment
+the same case twice; a claim left by a process that is gone (same host) is taken over. A case
+that fails with an unexpected error (not a user error such as a corrupt file) is retried once.
+At the end the summary is rebuilt from the per-case reports on disk, so a case another batch
+finished meanwhile is listed with its volumes (status ``skipped``), one that failed there with its
+error (``OUT/<case>.failed.json``, written by whichever batch ran it and removed on success) and one
+still being segmented elsewhere is ``claimed``.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +50,8 @@ from pathlib import Path
 from . import labels
 from .errors import InputError, OutputError, ParotidOARError
 from .imageio import atomic_file, check_output, is_image_file
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "batch-summary.csv"
 TIMING_STEPS = ("read", "stage1", "stage2", "total")
@@ -147,6 +162,61 @@ def discover_cases(input_path, side: str | None = None, side_from_json: bool = F
     return cases
 
 
+def claim_path(out_dir, case_id: str) -> Path:
+    return Path(out_dir) / f".{case_id}.claim"
+
+
+def claim(out_dir, case_id: str) -> bool:
+    """Claim a case for this process (exclusive create of :func:`claim_path`); False when another live
+    process holds it. A claim from a process of this host that is gone is taken over."""
+    from .imageio import _pid_alive
+
+    path = claim_path(out_dir, case_id)
+    me = f"{socket.gethostname()} {os.getpid()}\n"
+    for _attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+                stale = host == socket.gethostname() and not _pid_alive(int(pid))
+            except (OSError, ValueError):
+                stale = False  # being written right now, or unreadable: leave it to its owner
+            if not stale:
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def release(out_dir, case_id: str) -> None:
+    try:
+        claim_path(out_dir, case_id).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def failure_path(out_dir, case_id: str) -> Path:
+    """``OUT/<case>.failed.json``: the last failure of a case (whichever batch ran it); removed on success."""
+    return Path(out_dir) / f"{case_id}.failed.json"
+
+
+def _record_failure(out_dir, case: "BatchCase", error: str) -> None:
+    try:
+        with atomic_file(failure_path(out_dir, case.case_id)) as tmp:
+            tmp.write_text(json.dumps({"case_id": case.case_id, "input": str(case.input), "error": error,
+                                       "host": socket.gethostname(), "pid": os.getpid(),
+                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    except (OSError, ParotidOARError) as exc:  # the summary still has it; never stop the batch for this
+        logger.warning("could not record the failure of %s: %s", case.case_id, exc)
+
+
 def output_paths(out_dir, case_id: str) -> tuple[Path, Path]:
     out_dir = Path(out_dir)
     return out_dir / f"{case_id}.seg.nrrd", out_dir / f"{case_id}.report.json"
@@ -198,7 +268,7 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
         raise OutputError(f"The batch output {out_dir} is a file; give a folder.")
     if not out_dir.exists():
         try:
-            out_dir.mkdir(parents=True)
+            out_dir.mkdir(parents=True, exist_ok=True)  # another batch may create it at the same moment
         except OSError as exc:
             raise OutputError(f"Cannot create the batch output folder {out_dir}: {exc.strerror or exc}.") from None
     summary_path = Path(summary_path) if summary_path else out_dir / SUMMARY_NAME
@@ -207,44 +277,101 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
         check_output(out_dir / SUMMARY_NAME, force=True, what="output folder")
     rows: list[dict] = []
     total = len(cases)
+    run_seconds: list[float] = []  # cases segmented in this run: the estimate of the time left
+
+    def _log(message, level=logging.INFO):
+        # printed (stdout) as before; the log gets it at DEBUG so that -v does not show it twice
+        # and --log-file records it
+        logger.debug("%s%s", "" if level <= logging.INFO else "warning: ", message)
+        log(message)
+
+    bundle = None  # loaded and verified once, at the first case this run segments
+
+    def _read_report(report_path) -> dict:
+        try:
+            return json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def _segment(case, seg_path, report_path, first):
+        nonlocal bundle
+        if bundle is None:
+            bundle = cascade.load_model_bundle(model_dir)
+            logger.info("model %s from %s (verified once for the batch)", bundle.manifest.model_id,
+                        bundle.directory)
+        options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
+                                         roi_margin_mm=roi_margin_mm, tta=tta, force=force,
+                                         series_uid=case.series_uid)
+        return cascade.segment(case.input, seg_path, options, report_path=report_path, warn=first, bundle=bundle)
+
     try:
         for n, case in enumerate(cases, start=1):
             seg_path, report_path = output_paths(out_dir, case.case_id)
-            prefix = f"[{n}/{total}] {case.case_id}"
+            left = (f", ~{sum(run_seconds) / len(run_seconds) * (total - n + 1):.0f} s left" if run_seconds
+                    else "")
+            prefix = f"[{n}/{total}{left}] {case.case_id}"
             if case.error:
                 rows.append(summary_row(case, "failed", case.error))
-                log(f"{prefix}: FAILED: {case.error}")
+                _record_failure(out_dir, case, case.error)
+                _log(f"{prefix}: FAILED: {case.error}", logging.WARNING)
                 continue
             if not force and seg_path.exists() and report_path.exists():
-                try:
-                    report = json.loads(report_path.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    report = {}
-                rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None, report))
-                log(f"{prefix}: skipped (done; --force to redo)")
+                rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None,
+                                        _read_report(report_path)))
+                _log(f"{prefix}: skipped (done; --force to redo)")
                 continue
-            options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
-                                             roi_margin_mm=roi_margin_mm, tta=tta, force=force,
-                                             series_uid=case.series_uid)
-            t0 = time.perf_counter()
+            if not claim(out_dir, case.case_id):
+                rows.append(summary_row(case, "claimed", "being segmented by another batch"))
+                _log(f"{prefix}: skipped (another batch is segmenting it)")
+                continue
             try:
-                report = cascade.segment(case.input, seg_path, options, report_path=report_path, warn=n == 1)
-            except ParotidOARError as exc:
-                rows.append(summary_row(case, "failed", str(exc), time.perf_counter() - t0))
-                log(f"{prefix}: FAILED: {exc}")
-                continue
-            except (MemoryError, RuntimeError, ValueError, OSError) as exc:  # a bad case must not stop the batch
-                message = f"{type(exc).__name__}: {exc}"
-                rows.append(summary_row(case, "failed", message, time.perf_counter() - t0))
-                log(f"{prefix}: FAILED: {message}")
-                continue
-            seconds = time.perf_counter() - t0
-            rows.append(summary_row(case, "ok", "", seconds, report))
-            log(f"{prefix}: ok in {seconds:.1f} s -> {seg_path}")
+                if not force and seg_path.exists() and report_path.exists():  # finished while we looked
+                    rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None,
+                                            _read_report(report_path)))
+                    _log(f"{prefix}: skipped (done; --force to redo)")
+                    continue
+                t0 = time.perf_counter()
+                for attempt in (1, 2):
+                    try:
+                        report = _segment(case, seg_path, report_path, first=not run_seconds and attempt == 1)
+                        error = None
+                        break
+                    except ParotidOARError as exc:  # a user error (corrupt file, bad side...): no retry
+                        error = str(exc)
+                        break
+                    except (MemoryError, RuntimeError, ValueError, OSError) as exc:  # must not stop the batch
+                        error = f"{type(exc).__name__}: {exc}"
+                        if attempt == 1:
+                            _log(f"{prefix}: failed ({error}); retrying once", logging.WARNING)
+                seconds = time.perf_counter() - t0
+                if error is not None:
+                    rows.append(summary_row(case, "failed", error, seconds))
+                    _record_failure(out_dir, case, error)
+                    _log(f"{prefix}: FAILED: {error}", logging.WARNING)
+                    continue
+                try:
+                    failure_path(out_dir, case.case_id).unlink()
+                except FileNotFoundError:
+                    pass
+                run_seconds.append(seconds)
+                rows.append(summary_row(case, "ok", "", seconds, report))
+                _log(f"{prefix}: ok in {seconds:.1f} s -> {seg_path}")
+            finally:
+                release(out_dir, case.case_id)
     finally:
+        # rebuilt from the reports on disk: cases other batches finished meanwhile are listed with their volumes
+        for i, row in enumerate(rows):
+            if row["status"] == "claimed":
+                seg_path, report_path = output_paths(out_dir, cases[i].case_id)
+                if seg_path.exists() and report_path.exists():
+                    rows[i] = summary_row(cases[i], "skipped", "done by another batch", None,
+                                          _read_report(report_path))
+                elif failure_path(out_dir, cases[i].case_id).exists():
+                    record = _read_report(failure_path(out_dir, cases[i].case_id))
+                    rows[i] = summary_row(cases[i], "failed", f"(another batch) {record.get('error', '')}")
         write_summary(summary_path, rows)  # also after Ctrl-C: the finished cases stay documented
     n_failed = sum(r["status"] == "failed" for r in rows)
     n_ok = sum(r["status"] == "ok" for r in rows)
-    n_skip = sum(r["status"] == "skipped" for r in rows)
-    log(f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}")
+    n_skip = sum(r["status"] in ("skipped", "claimed") for r in rows)
+    _log(f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}")
     return rows

@@ -23,8 +23,18 @@ that matters for inference) and loaded back as float32. The SHA-256 of every
 weight file is checked on load; a mismatch or an unreadable file raises
 :class:`ModelError` naming the file and what to do.
 
-Bundles are looked up in the models root: ``$PAROTIDOAR_MODELS`` if set, else
-``<repo>/Resources/Models``. The default bundle is ``parotid-oar-research-v1``.
+Bundles are looked up by name in two folders:
+
+* the **user's models folder** (:func:`user_models_dir`, shared with the Slicer module):
+  ``$PAROTIDOAR_USER_MODELS`` if set, else ``%LOCALAPPDATA%\\ParotidOAR\\Models`` (Windows),
+  ``~/Library/Application Support/ParotidOAR/Models`` (macOS) or
+  ``$XDG_DATA_HOME/ParotidOAR/Models`` (``~/.local/share``; Linux). ``models install``
+  writes here, never into site-packages. A bundle of the same name here wins.
+* the **models root** (:func:`models_root`): ``$PAROTIDOAR_MODELS`` if set, else the
+  shipped models (:func:`shipped_models_dir`: ``ParotidOARLib/shipped_models`` inside an
+  installed wheel, ``<repo>/Resources/Models`` in a source checkout).
+
+The default bundle is ``parotid-oar-research-v1``.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +55,9 @@ MANIFEST = "manifest.json"
 STAGES = ("stage1", "stage2")
 DEFAULT_BUNDLE_NAME = "parotid-oar-research-v1"
 MODELS_ENV = "PAROTIDOAR_MODELS"
+USER_MODELS_ENV = "PAROTIDOAR_USER_MODELS"
+#: where the wheel puts Resources/Models (pyproject.toml maps the package to that folder)
+PACKAGED_MODELS = Path(__file__).resolve().parent / "shipped_models"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _VERIFY_HINT = "Run `python -m ParotidOARLib models verify {dir}` and reinstall the bundle " \
@@ -127,15 +141,53 @@ def stage_spec(labels, spacing, normalisation: dict, patch_size, architecture, c
 
 
 # --------------------------------------------------------------------------- paths
+def shipped_models_dir() -> Path:
+    """The models shipped with the code: ``ParotidOARLib/shipped_models`` in an installed wheel,
+    else ``<repo>/Resources/Models`` (a source checkout or the Slicer extension)."""
+    if PACKAGED_MODELS.is_dir():
+        return PACKAGED_MODELS
+    return REPO_ROOT / "Resources" / "Models"
+
+
 def models_root() -> Path:
-    """``$PAROTIDOAR_MODELS`` if set, else ``<repo>/Resources/Models``."""
+    """``$PAROTIDOAR_MODELS`` if set, else the shipped models (:func:`shipped_models_dir`)."""
     env = os.environ.get(MODELS_ENV)
-    return Path(env).expanduser() if env else REPO_ROOT / "Resources" / "Models"
+    return Path(env).expanduser() if env else shipped_models_dir()
+
+
+def user_models_dir() -> Path:
+    """The per-user models folder (see the module docstring); the Slicer module uses the same one.
+
+    Follows the platformdirs ``user_data_dir`` convention by hand (no extra dependency)."""
+    env = os.environ.get(USER_MODELS_ENV)
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "ParotidOAR" / "Models"
+
+
+def install_root() -> Path:
+    """Where ``models install`` writes by default: ``$PAROTIDOAR_MODELS`` if set, else the user's folder
+    (never the shipped, possibly read-only, package folder)."""
+    env = os.environ.get(MODELS_ENV)
+    return Path(env).expanduser() if env else user_models_dir()
+
+
+def search_roots() -> list[Path]:
+    """Folders a bundle *name* is looked up in, first match wins: the user's folder, then the models root."""
+    roots = [user_models_dir(), models_root()]
+    return [r for i, r in enumerate(roots) if r not in roots[:i]]
 
 
 def default_bundle_dir() -> Path | None:
-    """The default bundle (``parotid-oar-research-v1``) in the models root, or None if absent."""
-    candidates = [models_root() / DEFAULT_BUNDLE_NAME, REPO_ROOT / "Resources" / "Models" / DEFAULT_BUNDLE_NAME]
+    """The default bundle (``parotid-oar-research-v1``): the user's copy, else the models root's,
+    else the shipped one; None if absent everywhere."""
+    candidates = [r / DEFAULT_BUNDLE_NAME for r in search_roots()] + [shipped_models_dir() / DEFAULT_BUNDLE_NAME]
     for c in candidates:
         if (c / MANIFEST).is_file():
             return c
@@ -143,20 +195,24 @@ def default_bundle_dir() -> Path | None:
 
 
 def resolve_bundle_dir(model_dir=None) -> Path:
-    """``model_dir`` if given (a bundle folder, or a bundle name in the models root), else the default."""
+    """``model_dir`` if given (a bundle folder, or a bundle name in the user's folder or the models root),
+    else the default."""
     if model_dir:
         p = Path(model_dir).expanduser()
-        if not p.exists() and (models_root() / str(model_dir)).exists():
-            p = models_root() / str(model_dir)
+        if not p.exists():
+            for root in search_roots():
+                if (root / str(model_dir) / MANIFEST).is_file():
+                    p = root / str(model_dir)
+                    break
         if not (p / MANIFEST).is_file():
             raise ModelError(f"No model bundle at {p} (no {MANIFEST}). Pass a bundle folder to --model, or "
-                             "see `python -m ParotidOARLib models list`.")
+                             "see `parotid-oar models list`.")
         return p
     d = default_bundle_dir()
     if d is None:
         raise ModelError(f"No model bundle found: the default bundle {DEFAULT_BUNDLE_NAME} is not in "
-                         f"{models_root()}. Train one (`python -m ParotidOARLib train ...`), install one "
-                         "(`python -m ParotidOARLib models install PATH`), or pass --model DIR.")
+                         f"{' or '.join(str(r) for r in search_roots())}. Train one (`parotid-oar train ...`), "
+                         "install one (`parotid-oar models install PATH`), or pass --model DIR.")
     return d
 
 
@@ -348,15 +404,34 @@ def list_bundles(root=None) -> list[dict]:
     return out
 
 
+def list_installed(user_dir=None, root=None, root_source: str = "shipped") -> list[dict]:
+    """Bundles in the user's folder and the models root, one per name (the user's copy wins), the
+    default bundle first, then by name. Each is a :func:`list_bundles` entry plus ``source``
+    (``"user"`` or ``root_source``)."""
+    user_dir = Path(user_dir) if user_dir else user_models_dir()
+    root = Path(root) if root else models_root()
+    by_name: dict[str, dict] = {}
+    for source, folder in ((root_source, root), ("user", user_dir)):
+        if source != "user" and folder == user_dir:
+            continue
+        for entry in list_bundles(folder):
+            entry = dict(entry, source=source)
+            if entry["name"] == DEFAULT_BUNDLE_NAME:
+                entry["default"] = True
+            by_name[entry["name"]] = entry  # user after root: the user's copy replaces it
+    return sorted(by_name.values(), key=lambda m: (not m.get("default"), m.get("name") or ""))
+
+
 def install(path, root=None, force: bool = False) -> Path:
-    """Verify the bundle at ``path`` and copy it to ``<models root>/<manifest name>``.
+    """Verify the bundle at ``path`` and copy it to ``<root>/<manifest name>`` (default root:
+    :func:`install_root`, i.e. ``$PAROTIDOAR_MODELS`` or the user's models folder).
 
     Refuses to replace an installed bundle unless ``force``. The copy goes to a
     temporary folder first, is verified again, then renamed into place.
     """
     src = Path(path)
     m = verify(src)
-    root = Path(root) if root else models_root()
+    root = Path(root) if root else install_root()
     name = str(m.name)
     if not name or "/" in name or "\\" in name or name.startswith("."):
         raise ModelError(f"Bundle name {name!r} in {src / MANIFEST} is not a valid folder name.")

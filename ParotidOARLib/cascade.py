@@ -26,6 +26,7 @@ without ``force``) and the JSON report.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,8 @@ import numpy as np
 from . import __version__, imageio, labels, preprocess, progress as progress_mod, roi as roi_mod
 from .errors import EmptyStructureError, GeometryError, InputError
 from .imageio import Geometry
+
+log = logging.getLogger(__name__)
 
 RESEARCH_WARNING = ("Research use only - NOT FOR CLINICAL USE (model trained on synthetic/public data).")
 STAGE2_CONTEXT_MM = 8.0
@@ -565,12 +568,17 @@ _REPORT_INPUT_KEYS = ("format", "modality", "study_instance_uid", "series_instan
 
 
 def segment(input_path, out_path, options: SegmentOptions, progress=None, report_path=None,
-            rtstruct_path=None, dicom_seg_path=None, warn=True) -> dict:
-    """Read ``input_path``, run the cascade, write ``out_path`` (``.seg.nrrd``) and optional outputs.
+            rtstruct_path=None, dicom_seg_path=None, warn=True, bundle=None) -> dict:
+    """Read ``input_path``, run the cascade, write ``out_path`` and optional outputs.
+
+    ``out_path`` ending in ``.seg.nrrd`` is a Slicer segmentation (every structure and the ROI);
+    ``.nii.gz``, ``.nii`` or ``.nrrd`` is a uint8 label map of the seven structures with a JSON of
+    label names and values beside it (``x.nii.gz`` → ``x.labels.json``; :func:`segio.write_labelmap`).
 
     All outputs are written to temporary siblings first and renamed into place
     only when every one succeeded; on any error or cancellation nothing is left.
-    Returns the report dict (also written to ``report_path`` as JSON).
+    Returns the report dict (also written to ``report_path`` as JSON). ``bundle``: an already loaded
+    and verified model bundle (a batch loads it once), else ``options.model_dir`` is loaded.
     """
     from . import segio
 
@@ -580,18 +588,23 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     if not input_path.exists():
         raise InputError(f"Input not found: {input_path}. Check the path.")
     check_options(options)
-    outputs = [out_path, report_path, rtstruct_path, dicom_seg_path]
+    labelmap_fmt = segio.labelmap_suffix(out_path)
+    labels_json = segio.labels_json_path(out_path) if labelmap_fmt else None
+    outputs = [out_path, report_path, rtstruct_path, dicom_seg_path, labels_json]
     imageio.check_outputs(outputs, options.force)  # every output writable, before any work
+    if labelmap_fmt is None and not segio.is_seg_path(out_path):
+        raise InputError(f"The output {out_path} must end in .seg.nrrd (a Slicer segmentation) or .nii.gz, .nii "
+                         "or .nrrd (a label map with a JSON of label names beside it).")
     if (rtstruct_path or dicom_seg_path) and not input_path.is_dir():
         raise InputError("--rtstruct/--dicom-seg need the input to be a DICOM CT series folder (they reference "
                          f"its UIDs); {input_path} is not a folder. Use `export-rtstruct` with the DICOM series.")
-    if not str(out_path).lower().endswith(".seg.nrrd"):
-        raise InputError(f"The output {out_path} must end in .seg.nrrd.")
     if options.parotid_path and not Path(options.parotid_path).exists():
         raise InputError(f"Parotid contour not found: {options.parotid_path}. Check the --parotid path.")
 
     # load the model first: a missing/corrupt bundle fails before the (slow) read
-    bundle = load_model_bundle(options.model_dir)
+    if bundle is None:
+        bundle = load_model_bundle(options.model_dir)
+        log.info("model %s from %s (verified)", bundle.manifest.model_id, bundle.directory)
     if warn and not bundle.manifest.clinical_use:
         print(RESEARCH_WARNING, file=sys.stderr, flush=True)
     if progress:
@@ -599,6 +612,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     t_read = time.perf_counter()
     array, geometry, meta = preprocess.read_ct(input_path, series_uid=options.series_uid)
     t_read = time.perf_counter() - t_read
+    log.info("read %s: %s voxels, spacing %s mm, in %.1f s", input_path, "x".join(map(str, geometry.size)),
+             ", ".join(f"{v:g}" for v in geometry.spacing), t_read)
     if progress:
         progress(progress_mod.STEPS["read"][1], "read")
     parotid = read_parotid(options.parotid_path, geometry) if options.parotid_path else None
@@ -609,12 +624,20 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
     t_write = time.perf_counter()
     # every output goes to a temporary sibling; all are published only when all are written, and never
     # over a file that exists (even one that appeared during the run) unless --force
-    with imageio.staged_outputs(outputs, options.force) as (seg_tmp, report_tmp, rtstruct_tmp, dicom_seg_tmp):
+    with imageio.staged_outputs(outputs, options.force) as (seg_tmp, report_tmp, rtstruct_tmp, dicom_seg_tmp,
+                                                            labels_tmp):
         header = {"ParotidOAR_Model": result.report["model"]["id"], "ParotidOAR_Version": __version__,
                   "ParotidOAR_Side": result.side}
         if result.report["notice"]:
             header["ParotidOAR_Notice"] = result.report["notice"]
-        segio.write_seg(seg_tmp, result.all_masks(), geometry, side=result.side, force=True, extra_header=header)
+        if labelmap_fmt:
+            segio.write_labelmap(seg_tmp, result.all_masks(), geometry, json_path=labels_tmp, side=result.side,
+                                 force=True, fmt=labelmap_fmt, name=out_path.name,
+                                 extra={"model": result.report["model"]["id"], "version": __version__,
+                                        "notice": result.report["notice"]})
+        else:
+            segio.write_seg(seg_tmp, result.all_masks(), geometry, side=result.side, force=True,
+                            extra_header=header)
         if progress:
             progress(95, "write")
         from . import dicomseg, rtstruct  # (highdicom, pydicom are imported only when writing)
@@ -631,7 +654,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
                            **{k: v for k, v in meta.items() if k in _REPORT_INPUT_KEYS}}
         report["outputs"] = {"seg": str(out_path), "report": str(report_path) if report_path else None,
                              "rtstruct": str(rtstruct_path) if rtstruct_path else None,
-                             "dicom_seg": str(dicom_seg_path) if dicom_seg_path else None}
+                             "dicom_seg": str(dicom_seg_path) if dicom_seg_path else None,
+                           "labels_json": str(labels_json) if labels_json else None}
         report["timings"]["read"] = round(t_read, 4)
         report["timings"]["write"] = round(time.perf_counter() - t_write, 4)
         report["timings"]["total"] = round(time.perf_counter() - t0, 4)
@@ -640,6 +664,8 @@ def segment(input_path, out_path, options: SegmentOptions, progress=None, report
             report_tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr, flush=True)
+    log.info("wrote %s", ", ".join(str(p) for p in outputs if p))
+    log.debug("timings (s): %s", report["timings"])
     if progress:
         progress(100, "write")
     return report

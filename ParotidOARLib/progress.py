@@ -6,14 +6,21 @@ A progress callback is any ``callable(pct: float, step: str)`` with ``pct`` in 0
 * ``lines=True`` — machine-readable ``PROGRESS <0-100> <step>`` lines on stdout,
   flushed immediately (the Slicer module parses them); repeated identical
   lines are suppressed;
-* else, on a terminal (stderr is a TTY) — a one-line progress bar on stderr;
+* else, on a terminal (stderr is a TTY) — a one-line progress bar on stderr, with the time
+  spent and an estimate of the time left;
 * else — silent.
+
+Whatever the mode, each new step is also logged (``ParotidOARLib.progress`` logger, INFO: seen
+with ``-v`` or in ``--log-file``). tqdm is not used: it is not a dependency.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+
+log = logging.getLogger(__name__)
 
 #: cascade steps and the share of the 0..100 range each one covers (start, end)
 STEPS = {
@@ -56,6 +63,8 @@ class Progress:
         key = (pct_i, step)
         if key == self._last:
             return
+        if self._last is None or self._last[1] != step:
+            log.info("%s (%d%%, %.1f s)", step, pct_i, time.perf_counter() - self._t0)
         self._last = key
         if self.lines:
             self.out.write(f"PROGRESS {pct_i} {step}\n")
@@ -63,7 +72,9 @@ class Progress:
         elif self.bar:
             filled = int(self.width * pct_i / 100)
             elapsed = time.perf_counter() - self._t0
-            self.err.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {pct_i:3d}% {step:<12s} {elapsed:5.1f}s")
+            left = f" ~{elapsed * (100 - pct_i) / pct_i:5.0f}s left" if 0 < pct_i < 100 else " " * 13
+            self.err.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {pct_i:3d}% {step:<12s} "
+                           f"{elapsed:5.1f}s{left}")
             if pct_i >= 100:
                 self.err.write("\n")
             self.err.flush()

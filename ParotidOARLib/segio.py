@@ -66,6 +66,120 @@ def write_seg(path, masks: dict[str, np.ndarray], geometry: Geometry, *, side: s
     return path
 
 
+# --------------------------------------------------------------------------- label maps (NIfTI / NRRD)
+#: output suffixes written as a plain label map (anything else ending in .seg.nrrd is a Slicer segmentation)
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+LABELMAP_FORMAT = "parotidoar-labelmap/1"
+
+
+def is_seg_path(path) -> bool:
+    return str(path).lower().endswith(".seg.nrrd")
+
+
+def labelmap_suffix(path) -> str | None:
+    """``.nii.gz``, ``.nii`` or ``.nrrd`` for a label-map output name, None for ``.seg.nrrd`` or anything else."""
+    name = str(path).lower()
+    if name.endswith(".seg.nrrd"):
+        return None
+    return next((s for s in LABELMAP_SUFFIXES if name.endswith(s)), None)
+
+
+def labels_json_path(path) -> Path:
+    """The label-names JSON written beside a label map: ``x.nii.gz`` → ``x.labels.json``."""
+    path = Path(path)
+    suffix = labelmap_suffix(path)
+    stem = path.name[: -len(suffix)] if suffix else path.stem
+    return path.with_name(f"{stem}.labels.json")
+
+
+def labelmap_values(names) -> dict[str, int]:
+    """Label values for a label map: the seven structures keep their fixed values (Parotid 1, then the six
+    OARs 2..7 in :data:`labels.STRUCTURES` order), other names follow from 8; ROIs are left out
+    (they overlap every OAR; they stay in the ``.seg.nrrd``)."""
+    values: dict[str, int] = {}
+    extra = len(labels.STRUCTURES) + 1
+    for name in names:
+        if labels.is_roi(name):
+            continue
+        if name in labels.STRUCTURES:
+            values[name] = labels.STRUCTURES.index(name) + 1
+        else:
+            values[name] = extra
+            extra += 1
+    return dict(sorted(values.items(), key=lambda kv: kv[1]))
+
+
+def write_labelmap(path, masks: dict[str, np.ndarray], geometry: Geometry, *, json_path=None,
+                   side: str | None = None, force: bool = False, fmt: str | None = None,
+                   extra: dict | None = None, name: str | None = None) -> tuple[Path, Path]:
+    """Write ``{name: mask}`` as one uint8 label map (NIfTI or NRRD, from ``fmt`` or the name of ``path``)
+    plus a JSON of label names and values (default :func:`labels_json_path`).
+
+    Values come from :func:`labelmap_values` (ROIs are not written). A voxel in two structures gets the
+    label of the first one in ``masks`` order (Parotid first); the JSON counts such voxels under
+    ``overlap_voxels`` so that nothing is lost silently. Both files are written atomically and never
+    over an existing file unless ``force``. ``extra`` keys are added to the JSON; ``name`` is the label
+    map's file name recorded in the JSON (default: ``path``'s; give it when ``path`` is a temporary file).
+    """
+    import json
+
+    import SimpleITK as sitk
+
+    from .imageio import to_sitk
+
+    path = Path(path)
+    fmt = fmt or labelmap_suffix(path)
+    if fmt not in LABELMAP_SUFFIXES:
+        raise InputError(f"The label map {path} must end in {', '.join(LABELMAP_SUFFIXES)}.")
+    json_path = Path(json_path) if json_path else labels_json_path(path)
+    check_output(path, force)
+    check_output(json_path, force)
+    values = labelmap_values(masks)
+    array = np.zeros(geometry.shape, dtype=np.uint8)
+    written = np.zeros(geometry.shape, dtype=bool)
+    overlaps: dict[str, int] = {}
+    voxels: dict[str, int] = {}
+    for structure, value in sorted(values.items(), key=lambda kv: list(masks).index(kv[0])):
+        mask = np.asarray(masks[structure], dtype=bool)
+        if mask.shape != geometry.shape:
+            raise InputError(f"Mask {structure!r} has shape {mask.shape}, expected {geometry.shape}.")
+        both = mask & written
+        if both.any():
+            overlaps[structure] = int(both.sum())
+        free = mask & ~written
+        array[free] = value
+        written |= free
+        voxels[structure] = int(free.sum())
+    doc = {"format": LABELMAP_FORMAT, "labelmap": name or path.name, "background": 0,
+           "labels": values,
+           "colors": {n: list(labels.color_255(n)) for n in values if n in labels.STRUCTURE_INFO},
+           "voxels": voxels,
+           "overlap_voxels": overlaps,
+           "overlap_rule": "a voxel in two structures has the label of the first in 'labels' order",
+           "not_in_labelmap": [n for n in masks if n not in values],
+           "side": side, **(extra or {})}
+    with atomic_file(path, fmt, force=force) as tmp:
+        sitk.WriteImage(to_sitk(array, geometry), str(tmp), useCompression=True)
+    with atomic_file(json_path, force=force) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return path, json_path
+
+
+def read_labelmap(path, json_path=None) -> tuple[dict[str, np.ndarray], Geometry, dict]:
+    """Read a label map written by :func:`write_labelmap` → (``{name: bool mask}``, Geometry, the JSON)."""
+    import json
+
+    from .imageio import read_image
+
+    path = Path(path)
+    json_path = Path(json_path) if json_path else labels_json_path(path)
+    if not json_path.is_file():
+        raise InputError(f"No label names beside {path}: {json_path} is missing.")
+    doc = json.loads(json_path.read_text())
+    array, geometry = read_image(path)
+    return {name: array == int(v) for name, v in doc["labels"].items()}, geometry, doc
+
+
 def _pack_layers(masks: dict[str, np.ndarray], geometry: Geometry, side: str | None):
     """Pack masks into as few uint8 layers as possible (Slicer's shared labelmaps).
 

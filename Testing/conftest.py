@@ -26,6 +26,13 @@ SHARED = Path(os.environ.get("PAROTIDOAR_SHARED", REPO.parent / "shared" / "data
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_user_models(monkeypatch, tmp_path_factory):
+    """Every test (and every CLI it starts) sees an empty per-user models folder of its own, never
+    the real ``~/.local/share/ParotidOAR/Models`` (whose bundles would win over the shipped ones)."""
+    monkeypatch.setenv("PAROTIDOAR_USER_MODELS", str(tmp_path_factory.mktemp("user-models")))
+
+
 class MRMLApp:
     """A headless scene with the logics our MRML glue needs."""
 

@@ -232,8 +232,8 @@ def test_overwrite_refused_and_force(rotated_case, tiny_bundle, tmp_path):
     assert json.loads(rep.read_text())["side"] == "left"
     with pytest.raises(InputError, match="DICOM"):
         cascade.segment(path, tmp_path / "x.seg.nrrd", opts, rtstruct_path=tmp_path / "x.dcm")
-    with pytest.raises(InputError, match=r"\.seg\.nrrd"):
-        cascade.segment(path, tmp_path / "x.nrrd", opts)
+    with pytest.raises(InputError, match=r"\.seg\.nrrd.*\.nii\.gz"):
+        cascade.segment(path, tmp_path / "x.png", opts)
 
 
 def test_device_errors():

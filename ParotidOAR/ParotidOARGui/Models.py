@@ -18,41 +18,24 @@ path into the extension folder is stale after an extension update.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from ParotidOARLib import bundle
 from ParotidOARLib.errors import ModelError
 
-USER_MODELS_ENV = "PAROTIDOAR_USER_MODELS"
+USER_MODELS_ENV = bundle.USER_MODELS_ENV
 
 
 def user_models_dir() -> Path:
-    env = os.environ.get(USER_MODELS_ENV)
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "ParotidOAR" / "Models"
+    """The user's models folder; the engine's (``bundle.user_models_dir``), so that the CLI's
+    ``models install`` and this module see the same bundles."""
+    return bundle.user_models_dir()
 
 
 def list_models(user_dir=None, extension_dir=None) -> list[dict]:
     """Installed bundles (``bundle.list_bundles`` entries plus ``source``: ``"user"`` or ``"extension"``),
     one per name (the user's copy wins), the default bundle first, then by name."""
-    user_dir = Path(user_dir) if user_dir else user_models_dir()
-    extension_dir = Path(extension_dir) if extension_dir else bundle.models_root()
-    by_name: dict[str, dict] = {}
-    for source, root in (("extension", extension_dir), ("user", user_dir)):
-        for entry in bundle.list_bundles(root):
-            entry = dict(entry, source=source)
-            if entry["name"] == bundle.DEFAULT_BUNDLE_NAME:
-                entry["default"] = True
-            by_name[entry["name"]] = entry  # user after extension: the user's copy replaces it
-    return sorted(by_name.values(), key=lambda m: (not m.get("default"), m.get("name") or ""))
+    return bundle.list_installed(user_dir, extension_dir, root_source="extension")
 
 
 def stored_name(value) -> str:

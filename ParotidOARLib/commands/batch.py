@@ -23,7 +23,8 @@ def add_arguments(p):
     side.add_argument("--side-from-json", action="store_true",
                       help="read each case's side from case.json (phantom folders) or <case>.json")
     p.add_argument("--model", default=None, help="model bundle folder (default: the installed default bundle)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the networks run: auto (CUDA if available, then Apple MPS, else CPU), cpu, cuda or mps (default auto)")
     p.add_argument("--roi-margin-mm", type=float, default=17.0)
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower)")
     p.add_argument("--force", action="store_true", help="redo cases whose outputs already exist")

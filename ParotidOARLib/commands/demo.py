@@ -19,7 +19,8 @@ CLINICAL_NOTE = "Research use only - not for clinical use. The demo data are syn
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo-output", help="demo folder (default demo-output)")
     parser.add_argument("--side", choices=("left", "right"), default="left", help="operated side of the phantom")
-    parser.add_argument("--device", default="auto", help="device for the cascade (auto, cpu, cuda)")
+    parser.add_argument("--device", default="auto", help="where the networks run: auto (CUDA if available, then Apple MPS, else CPU), cpu, cuda or mps "
+                        "(default auto)")
     parser.add_argument("--size", choices=("full", "small"), default="full",
                         help="phantom size: full 512x512x100 (default) or small ~160x160x60 (quick check)")
 

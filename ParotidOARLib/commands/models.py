@@ -2,18 +2,21 @@
 
 Examples::
 
-    python -m ParotidOARLib models list
-    python -m ParotidOARLib models verify Resources/Models/parotid-oar-research-v1
-    python -m ParotidOARLib models install path/to/bundle [--force]
+    parotid-oar models list
+    parotid-oar models verify parotid-oar-research-v1
+    parotid-oar models install path/to/bundle [--force]
     # an nnU-Net v2 model as stage 2 (stage 1 from the default bundle), then its stage 1 into the same bundle
-    python -m ParotidOARLib models import-nnunet nnUNet_results/Dataset502_ParotidOARStage2/nnUNetTrainer__nnUNetPlans__3d_fullres \
+    parotid-oar models import-nnunet nnUNet_results/Dataset502_ParotidOARStage2/nnUNetTrainer__nnUNetPlans__3d_fullres \
         --stage 2 --folds 0 1 2 3 4 --out my-nnunet-bundle
-    python -m ParotidOARLib models import-nnunet nnUNet_results/Dataset501_Parotid/nnUNetTrainer__nnUNetPlans__3d_fullres \
-        --stage 1 --label-map names.json --out my-nnunet-bundle
+    parotid-oar models import-nnunet nnUNet_results/Dataset501_Parotid/nnUNetTrainer__nnUNetPlans__3d_fullres \
+        --stage 1 --label-map names.json --out my-nnunet-bundle --force
 
 See docs/nnunet.md.
 
-Bundles live in ``$PAROTIDOAR_MODELS`` (default ``<repo>/Resources/Models``).
+Bundles are found in the user's models folder (``$PAROTIDOAR_USER_MODELS``, default
+``~/.local/share/ParotidOAR/Models`` on Linux; shared with the Slicer module) and in
+``$PAROTIDOAR_MODELS`` (default: the models shipped with the package). ``install`` writes to
+``$PAROTIDOAR_MODELS`` if set, else to the user's folder.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ import json
 def add_arguments(p):
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = sub.add_parser("list", help="list installed bundles and whether they verify")
-    ls.add_argument("--root", default=None, help="models folder (default: $PAROTIDOAR_MODELS or Resources/Models)")
+    ls.add_argument("--root", default=None, help="list only this models folder (default: the user's models "
+                    "folder and $PAROTIDOAR_MODELS or the shipped models)")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     v = sub.add_parser("verify", help="check a bundle's manifest and SHA-256 of every weight file")
-    v.add_argument("path", nargs="?", default=None, help="bundle folder (default: the default bundle)")
+    v.add_argument("path", nargs="?", default=None, help="bundle folder or installed bundle name "
+                   "(default: the default bundle)")
     i = sub.add_parser("install", help="verify a bundle and copy it into the models folder")
     i.add_argument("path", help="bundle folder to install")
-    i.add_argument("--root", default=None, help="models folder (default: $PAROTIDOAR_MODELS or Resources/Models)")
+    i.add_argument("--root", default=None, help="models folder to install into (default: $PAROTIDOAR_MODELS "
+                   "if set, else the user's models folder)")
     i.add_argument("--force", action="store_true", help="replace an installed bundle of the same name")
     n = sub.add_parser("import-nnunet", help="import an nnU-Net v2 trained model as stage 1 or 2 of a bundle")
     n.add_argument("results_dir", metavar="RESULTS_DIR",
@@ -63,14 +69,18 @@ def run(args) -> int:
     from .. import bundle
 
     if args.action == "list":
-        root = args.root or bundle.models_root()
-        entries = bundle.list_bundles(root)
+        if args.root:
+            roots = [str(args.root)]
+            entries = bundle.list_bundles(args.root)
+        else:
+            roots = [str(r) for r in bundle.search_roots()]
+            entries = bundle.list_installed()
         if args.json:
-            print(json.dumps({"root": str(root), "bundles": entries}, indent=2))
+            print(json.dumps({"root": roots[-1], "roots": roots, "bundles": entries}, indent=2))
             return 0 if all(e["ok"] for e in entries) else 1
         if not entries:
-            print(f"No model bundles in {root}. Train one (python -m ParotidOARLib train ...) or install one "
-                  "(python -m ParotidOARLib models install PATH).")
+            print(f"No model bundles in {' or '.join(roots)}. Train one (parotid-oar train ...) or install one "
+                  "(parotid-oar models install PATH).")
             return 0
         for e in entries:
             status = "ok" if e["ok"] else "BROKEN"
@@ -81,7 +91,7 @@ def run(args) -> int:
                 print(f"    {e['error']}")
         return 0 if all(e["ok"] for e in entries) else 1
     if args.action == "verify":
-        path = args.path or bundle.resolve_bundle_dir(None)
+        path = bundle.resolve_bundle_dir(args.path)
         m = bundle.verify(path)
         print(f"{path}: OK ({m.name} {m.version}; "
               + ", ".join(f"{s} sha256 {m.stage(s)['sha256'][:12]}…" for s in bundle.STAGES) + ")")

@@ -16,10 +16,14 @@ def add_arguments(p):
     p.add_argument("input", help="CT: NRRD / NIfTI / MHA file or a DICOM series folder")
     p.add_argument("--side", required=True, choices=["left", "right"],
                    help="operated side (patient left = LPS +x)")
-    p.add_argument("--out", required=True, help="output segmentation (.seg.nrrd)")
+    p.add_argument("--out", required=True,
+                   help="output: .seg.nrrd (a Slicer segmentation with every structure and the ROI; the default "
+                        "choice), or .nii.gz / .nii / .nrrd (a uint8 label map of the seven structures, with "
+                        "OUT-STEM.labels.json beside it naming each label value)")
     p.add_argument("--model", default=None, help="model bundle folder (default: the installed "
                                                  "parotid-oar-research-v1)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the networks run: auto (CUDA if available, then Apple MPS, else CPU), cpu, cuda or mps (default auto)")
     p.add_argument("--roi-margin-mm", type=float, default=17.0, help="ROI margin around the parotid (default 17)")
     p.add_argument("--report", default=None, help="write a JSON report (volumes, timings, model, memory)")
     p.add_argument("--force", action="store_true", help="replace existing outputs")
@@ -51,7 +55,7 @@ def run(args) -> int:
     from ..progress import Progress
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    prog = Progress(lines=args.progress_lines)
+    prog = Progress(lines=args.progress_lines, bar=False if getattr(args, "quiet_progress", False) else None)
     try:
         opts = SegmentOptions(side=args.side, model_dir=args.model, device=args.device,
                               roi_margin_mm=args.roi_margin_mm, tta=args.tta, force=args.force,

@@ -30,11 +30,16 @@ from ..errors import DatasetError, ParotidOARError
 def add_arguments(p):
     p.add_argument("--data", help="dataset folder (case sub-folders; for --format openkbp the folder holding "
                                    "train/ and validation/, or a folder of pt_* cases)")
-    p.add_argument("--format", choices=["seg", "labelmap", "openkbp"], default="seg")
+    p.add_argument("--format", choices=["seg", "labelmap", "openkbp"], default="seg",
+                   help="how --data is laid out: seg (each case folder: a CT + a .seg.nrrd; the default), labelmap "
+                        "(a CT + labels.nrrd + labels.json naming the values) or openkbp (OpenKBP's pt_* folders "
+                        "of one mask per structure)")
     p.add_argument("--label-map", help="JSON mapping institution names to canonical names, "
                                         "e.g. {\"Parotid_L\": \"Parotid:left\"}")
     p.add_argument("--exclude", nargs="*", default=[], help="patients to leave out (e.g. pt_221)")
-    p.add_argument("--stage", choices=["1", "2", "both"], default="both")
+    p.add_argument("--stage", choices=["1", "2", "both"], default="both",
+                   help="which network to train: 1 (the parotid), 2 (the six OARs inside the ROI) or both "
+                        "(the default)")
     p.add_argument("--out", help="bundle folder to write (needs both stages trained in --work-dir)")
     p.add_argument("--work-dir", default="runs/train", help="checkpoints, logs, caches (default runs/train)")
     p.add_argument("--epochs", type=int, default=20)
@@ -42,7 +47,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt in the work dir")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where training runs: auto (CUDA if available, else CPU), cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--phantom-cases", type=int, default=0,
                    help="stage 2 (and --one-step): generate N training phantoms (seeds 100000+)")

@@ -58,7 +58,7 @@ APPEARED_TEXT = "the user's file, saved during the run"
 class Case:
     name: str
     fault: str  # "" (already behaved well before #15) or the #15 fault it covers
-    expect: str  # "error" | "ok" | "cancel"
+    expect: str  # "error" (exit 2) | "usage" (bad arguments, exit 64) | "ok" | "cancel"
     words: tuple = ()  # must appear in the error line / a warning (case-insensitive)
     warn: tuple = ()  # words a warning line must hold (expect "ok")
     force: bool = False  # user files may be replaced
@@ -194,7 +194,8 @@ def cases(inp: Inputs):
                       "--model", str(inp.bundle)])
     yield Case("empty file", "", "error", ("cannot read",)), empty_file
 
-    yield Case("output not .seg.nrrd", "", "error", (".seg.nrrd",)), simple(lambda d: seg("--out", d / "o.nrrd"))
+    yield Case("output not .seg.nrrd or a label map", "", "error", (".seg.nrrd",)), \
+        simple(lambda d: seg("--out", d / "o.png"))
 
     def exists(d):
         (d / "o.seg.nrrd").write_text("the user's segmentation")
@@ -208,7 +209,7 @@ def cases(inp: Inputs):
 
     yield Case("output folder missing", "", "error", ("does not exist",)), simple(
         lambda d: seg("--out", d / "no" / "o.seg.nrrd"))
-    yield Case("--side up", "", "error", ("invalid choice",)), simple(
+    yield Case("--side up", "", "usage", ("invalid choice",)), simple(
         lambda d: ["segment", str(inp.ct), "--side", "up", "--out", str(d / "o.seg.nrrd")])
     yield Case("--roi-margin-mm -5", "", "error", ("roi-margin",)), simple(
         lambda d: seg("--out", d / "o.seg.nrrd", "--roi-margin-mm", "-5"))
@@ -599,9 +600,10 @@ def run_case(case: Case, make, root: Path) -> dict:
     if leftovers:
         problems.append(f"left behind: {leftovers}")
     message = errors[-1] if errors else (err_lines[-1] if err_lines else "")
-    if case.expect == "error":
-        if rc != 2:
-            problems.append(f"exit {rc}, expected 2" + (" (a wrong answer with exit 0)" if rc == 0 else ""))
+    if case.expect in ("error", "usage"):
+        expected = 64 if case.expect == "usage" else 2
+        if rc != expected:
+            problems.append(f"exit {rc}, expected {expected}" + (" (a wrong answer with exit 0)" if rc == 0 else ""))
         if len(errors) != 1:
             problems.append(f"{len(errors)} error lines")
         elif not all(w.lower() in errors[0].lower() for w in case.words):
