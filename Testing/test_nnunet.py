@@ -418,7 +418,7 @@ def test_stage1_trained_on_whole_ct_sees_the_whole_body_and_keeps_the_operated_s
     monkeypatch.setattr(inference, "sliding_window", spy)
     b = make_tiny_bundle(tmp_path / "b", stage1_bias=50.0)  # "parotid" everywhere
     ct, geometry = synthetic_ct()  # a whole head section, 240 mm wide
-    opts = cascade.SegmentOptions(side="right", threads=1)
+    opts = cascade.SegmentOptions(side="right", threads=1, side_check=False)  # one stage-1 pass per run
     side = cascade.run(ct, geometry, opts, bundle=bundle.load_bundle(b), parotid_only=True)
     m = json.loads((b / "manifest.json").read_text())
     m["stages"]["stage1"]["input_region"] = "whole"
