@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             t = best["timings"]
             print(f"[{device}, {args.threads} threads, {model_kind}] total {t['total']:.2f} s "
                   f"(read {t['read']:.2f}, preprocess {t['preprocess']:.2f}, stage1 {t['stage1']:.2f}, "
-                  f"roi {t['roi']:.2f}, stage2 {t['stage2']:.2f}, resample {t['resample']:.2f}, "
+                  f"side check {t.get('side_check', 0.0):.2f}, roi {t['roi']:.2f}, stage2 {t['stage2']:.2f}, resample {t['resample']:.2f}, "
                   f"write {t['write']:.2f}); peak RSS {best['peak_memory']['rss_mb']:.0f} MB; "
                   f"ROI {best['roi_volume_cc']:.0f} cc; stage-2 on the reference ROI box "
                   f"{result['stage2_reference_roi_s']:.2f} s; load avg {result['load_average_before'][0]:.1f} "
