@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ModelError, OutputExistsError
+from .imageio import atomic_folder
 
 FORMAT = "parotidoar-bundle/1"
 MANIFEST = "manifest.json"
@@ -226,17 +227,6 @@ def sha256_file(path) -> str:
 
 
 # --------------------------------------------------------------------------- save
-def _swap_in(tmp: Path, directory: Path) -> None:
-    """Move the complete folder ``tmp`` onto ``directory``, replacing an existing one by renames only."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
-
-
 def save_bundle(directory, manifest: Manifest, state_dicts: dict, half: bool = True, force: bool = False) -> Path:
     """Write a bundle: ``stageN.pt`` (float16 if ``half``) + ``manifest.json`` with their SHA-256.
 
@@ -256,12 +246,7 @@ def save_bundle(directory, manifest: Manifest, state_dicts: dict, half: bool = T
     m = copy.deepcopy(manifest)
     for s in STAGES:
         m.stage(s)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.part-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(directory, force=True) as tmp:  # existence checked above, with its own message
         for s in STAGES:
             sd = {}
             for k, v in state_dicts[s].items():
@@ -275,10 +260,6 @@ def save_bundle(directory, manifest: Manifest, state_dicts: dict, half: bool = T
             m.stages[s]["sha256"] = sha256_file(tmp / fname)
             m.stages[s]["dtype"] = "float16" if half else "float32"
         (tmp / MANIFEST).write_text(json.dumps(m.to_dict(), indent=2, sort_keys=False) + "\n")
-        _swap_in(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -438,12 +419,7 @@ def install(path, root=None, force: bool = False) -> Path:
     dest = root / name
     if dest.exists() and not force:
         raise OutputExistsError(f"A bundle is already installed at {dest}. Pass --force to replace it.")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.part-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        tmp.mkdir()
+    with atomic_folder(dest, force=True) as tmp:  # existence checked above, with its own message
         files = [MANIFEST] + [m.stage(s)["file"] for s in STAGES]
         for extra in sorted(src.iterdir()):  # keep READMEs/model cards, not sub-folders
             if extra.is_file() and extra.name not in files and not extra.name.startswith("."):
@@ -451,8 +427,4 @@ def install(path, root=None, force: bool = False) -> Path:
         for f in files:
             shutil.copy2(src / f, tmp / f)
         verify(tmp)
-        _swap_in(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -324,6 +324,37 @@ def _output_error(exc: OSError, path: Path):
 
 
 @contextmanager
+def atomic_folder(directory, force: bool = False, exists_hint: str = "Choose another folder or pass --force."):
+    """Build a folder in a hidden sibling (``.<name>.part-<pid>``), yielded, and move it onto ``directory``
+    when the block ends without error, by renames only (an existing folder, allowed only with ``force``,
+    is replaced after the new one is complete). On any error nothing is left behind."""
+    import shutil
+
+    from .errors import OutputExistsError
+
+    directory = Path(directory)
+    if directory.exists() and not force:
+        raise OutputExistsError(f"{directory} already exists. {exists_hint}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.part-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
 def atomic_file(path, suffix: str = "", force: bool = True):
     """Yield a hidden temporary sibling of ``path``; on success publish it as ``path`` (:func:`publish`).
 

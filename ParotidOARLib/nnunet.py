@@ -634,10 +634,7 @@ def export_dataset(out_root, dataset_id: int, name: str, stage: int, items, forc
                    context_mm: float | None = None) -> Path:
     """One nnU-Net raw dataset ``Dataset<id>_<name>`` from stage items (``ct`` int16, ``label`` uint8,
     ``meta.geometry``) → its folder. Written to a temporary sibling and renamed into place."""
-    import os
-    import shutil
-
-    from .imageio import Geometry
+    from .imageio import Geometry, atomic_folder
 
     if not items:
         raise InputError(f"No stage-{stage} cases to export.")
@@ -647,12 +644,8 @@ def export_dataset(out_root, dataset_id: int, name: str, stage: int, items, forc
     final = out_root / f"Dataset{int(dataset_id):03d}_{name}"
     if final.exists() and not force:
         raise OutputExistsError(f"{final} already exists. Pass --force to replace it.")
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = out_root / f".{final.name}.part-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "imagesTr").mkdir(parents=True)
+    with atomic_folder(final, force=True) as tmp:  # existence checked above, with its own message
+        (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         cases = []
         for i, it in enumerate(items):
@@ -674,10 +667,4 @@ def export_dataset(out_root, dataset_id: int, name: str, stage: int, items, forc
                            "spacing_xyz": list(Geometry.from_dict(items[0]["meta"]["geometry"]).spacing),
                            "orientation": "LPS-aligned grid (identity direction), as the cascade feeds the network"}}
         (tmp / "dataset.json").write_text(json.dumps(ds, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final

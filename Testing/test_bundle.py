@@ -188,3 +188,26 @@ def test_models_cli(tiny_bundle, tmp_path, capsys):
     assert listed["bundles"][0]["ok"] is False
     assert main(["models", "install", str(tiny_bundle), "--root", str(root)]) == 2  # exists
     assert main(["models", "install", str(tiny_bundle), "--root", str(root), "--force"]) == 0
+
+
+def test_atomic_folder_publishes_whole_or_nothing(tmp_path):
+    """The one folder publisher (bundles, installs, nnU-Net exports): an error inside leaves neither the
+    folder nor a temporary; an existing folder is refused without force and replaced whole with it."""
+    from ParotidOARLib.errors import OutputExistsError
+    from ParotidOARLib.imageio import atomic_folder
+
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("v1")
+    with pytest.raises(OutputExistsError):
+        with atomic_folder(target):
+            pass
+    with atomic_folder(target, force=True) as tmp:
+        (tmp / "b.txt").write_text("v2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
