@@ -6,7 +6,10 @@ The ground truth is downsampled for each output with nearest-neighbour sampling
 (max-pool style for foreground so thin structures survive at low resolution).
 
 An optional ``channel_mask`` (batch × classes, 1 = labelled) restricts Dice and CE to
-the classes a partially labelled case actually has (e.g. OpenKBP mandible only).
+the classes a partially labelled case actually has. A sample whose ``channel_mask`` is all zero
+is **group-labelled** (real OpenKBP crops for stage 2): its target holds label groups, not classes,
+and it is scored with the marginal loss of :mod:`ParotidOARLib.partial_labels`. A batch may mix both
+kinds; each kind's loss is weighted by its share of the batch.
 """
 
 from __future__ import annotations
@@ -77,6 +80,24 @@ class DeepSupervisionLoss(torch.nn.Module):
                 total = total + 0.0 * out.float().sum()
                 continue
             t = downsample_labels(target, out.shape[-3:])
-            total = total + w * (self.dice_weight * soft_dice_loss(out, t, channel_mask)
-                                 + self.ce_weight * masked_ce(out, t, channel_mask))
+            total = total + w * self._one_scale(out, t, channel_mask)
         return total
+
+    def _one_scale(self, out, t, channel_mask):
+        if channel_mask is None:
+            return self.dice_weight * soft_dice_loss(out, t) + self.ce_weight * masked_ce(out, t)
+        grouped = channel_mask.sum(1) == 0
+        if not bool(grouped.any()):
+            return (self.dice_weight * soft_dice_loss(out, t, channel_mask)
+                    + self.ce_weight * masked_ce(out, t, channel_mask))
+        from .partial_labels import marginal_loss
+
+        n = float(channel_mask.shape[0])
+        n_g = float(grouped.sum())
+        loss = (n_g / n) * marginal_loss(out[grouped], t[grouped])
+        full = ~grouped
+        if bool(full.any()):
+            cm = channel_mask[full]
+            loss = loss + ((n - n_g) / n) * (self.dice_weight * soft_dice_loss(out[full], t[full], cm)
+                                              + self.ce_weight * masked_ce(out[full], t[full], cm))
+        return loss

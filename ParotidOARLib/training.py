@@ -334,7 +334,11 @@ def prepare(items: list[dict], norm: dict, stage: int, patch, jitter_mm: float =
         sp_zyx = (g["spacing"][2], g["spacing"][1], g["spacing"][0])
         lab = it["label"]
         fg = {}
-        for c in np.unique(lab):
+        if it["meta"].get("partial"):  # group-labelled real crop (partial_labels): mandible and rind centres
+            from .partial_labels import foreground_groups
+
+            fg = foreground_groups(lab)
+        for c in ([] if it["meta"].get("partial") else np.unique(lab)):
             if c == 0:
                 continue
             idx = np.argwhere(lab == c)
@@ -488,6 +492,10 @@ def evaluate_patches(model, batches, loss_fn, device, n_classes):
         out = model(x.to(device))
         losses.append(float(loss_fn(out, y.to(device), cm.to(device))))
         pred = out.argmax(1).cpu()
+        classes = cm.sum(1) > 0  # group-labelled samples (all-zero channel mask) count in the loss only
+        if not bool(classes.any()):
+            continue
+        pred, y = pred[classes], y[classes]
         for c in range(1, n_classes):
             p, t = pred == c, y == c
             inter[c] += float((p & t).sum())
@@ -548,7 +556,13 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         if resume:
             log(f"--resume: no checkpoint in {run}; starting fresh")
         if cfg.init_checkpoint:
-            ck0 = torch.load(cfg.init_checkpoint, map_location=device, weights_only=False)
+            src = Path(cfg.init_checkpoint)
+            if src.is_dir():  # a model bundle: its stage's weights (SHA-256 checked)
+                from . import bundle as bundle_mod
+
+                man = bundle_mod.verify(src)
+                src = src / man.stage(f"stage{cfg.stage}")["file"]
+            ck0 = torch.load(src, map_location=device, weights_only=False)
             model.load_state_dict(ck0["model"] if "model" in ck0 else ck0)
             log(f"initialised from {cfg.init_checkpoint}")
     ddp_model = model

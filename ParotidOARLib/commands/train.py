@@ -17,6 +17,7 @@ Research use only - not for clinical use.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -66,7 +67,11 @@ def add_arguments(p):
     p.add_argument("--base-features", type=int, default=0, help="network width (default: 16)")
     p.add_argument("--patch1", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-1 patch (voxels)")
     p.add_argument("--patch2", type=int, nargs=3, metavar=("Z", "Y", "X"), help="stage-2 patch (voxels)")
-    p.add_argument("--init-from", default="", help="fine-tune: start from this checkpoint file")
+    p.add_argument("--init-from", default="", help="fine-tune: start from this checkpoint file, or a model bundle "
+                   "folder (its stage's weights; stage 2 also keeps the bundle's normalisation)")
+    p.add_argument("--real-fraction", type=float, default=0.5,
+                   help="stage 2 with --format openkbp and --phantom-cases: share of real (group-labelled) crops "
+                        "in the sampled items; the phantoms are repeated to reach it (default 0.5)")
     p.add_argument("--phantom-repeat", type=int, default=1,
                    help="weight of the stage-1 phantom cases in the mix (each listed N times)")
     p.add_argument("--fg-fraction", type=float, default=0.33, help="share of foreground-centred patches")
@@ -77,6 +82,10 @@ def add_arguments(p):
                         "just stops, resumably), the side cut from the CT as in segment. v1 = the first recipe.")
     p.add_argument("--fg-mode", choices=["sample", "batch"], help="override the recipe's foreground rule")
     p.add_argument("--augment", choices=["legacy", "nnunet"], help="override the recipe's augmentation preset")
+    p.add_argument("--lowres", type=float, nargs="+", metavar=("P", "ZOOM_MIN"),
+                   help="low-resolution simulation: probability P, zoom drawn in [ZOOM_MIN, 1] (default 0.5, "
+                        "nnU-Net's); stage 2 with --format openkbp defaults to 0.25 0.25, so the phantoms' "
+                        "1 mm detail is also seen at OpenKBP's ~4 mm")
     p.add_argument("--lr-schedule", choices=["iterations", "time"],
                    help="poly lr decay over --epochs x --iterations-per-epoch (v2) or, with --max-minutes, over "
                         "whichever of iterations and wall-clock runs out first (v1; for short pilots)")
@@ -194,8 +203,7 @@ def stage2_data(args, work: Path):
     from .. import labels as L
 
     if args.format == "openkbp":
-        raise ParotidOARError("OpenKBP has no labels for the six OARs, so stage 2 cannot train on it. "
-                              "Use --phantom-cases N, or a --data folder (seg / labelmap) with OAR labels.")
+        return stage2_openkbp_data(args, work)
 
     def check(samples):
         return [f"{s.patient} ({s.side}): none of the six OARs ({', '.join(L.OARS)}) after the label map; "
@@ -206,6 +214,58 @@ def stage2_data(args, work: Path):
     tr, va, desc = _cached_stage_items(2, tr_s, va_s, split, work)
     desc.update({"stage2_data": str(args.data), "stage2_format": args.format})
     return tr, va, desc
+
+
+def stage2_openkbp_data(args, work: Path):
+    """Stage 2 from OpenKBP: group-labelled crops (``partial_labels``: the mandible supervises ramus ∪
+    condyle, the body's 3 mm rind supervises skin, nothing else is taken as background), built from the
+    reference parotid + 17 mm like the phantoms' crops, on OpenKBP's own train / validation split."""
+    from .. import dataset, training
+    from ..partial_labels import stage2_real_item
+
+    data = Path(args.data)
+    if not (data / "train").is_dir():
+        raise ParotidOARError(f"--format openkbp needs {data}/train (and validation); not found.")
+    tr_s, p1 = dataset.discover(data / "train", "openkbp", args.label_map, args.exclude)
+    va_s, p2 = dataset.discover(data / "validation", "openkbp", args.label_map, args.exclude) \
+        if (data / "validation").is_dir() else ([], [])
+    tr_s = [s for s in tr_s if s.patient not in args.exclude]
+    va_s = [s for s in va_s if s.patient not in args.exclude]
+    split = {"train": sorted({s.patient for s in tr_s}), "validation": sorted({s.patient for s in va_s}),
+             "test": [], "note": "OpenKBP's own train/validation split; OpenKBP test is not used",
+             "excluded": list(args.exclude)}
+    dataset.save_split(split, work / "splits.json")
+    tag = f"s2-real-{training.STAGE2_SPACING}-groups-v1"
+    _log(f"stage-2 real (group-labelled) cache: {len(tr_s)} train + {len(va_s)} validation samples")
+    cache = work / "cache" / "stage2-real"
+    tr = training.cached_items(tr_s, stage2_real_item, cache, tag, _log)
+    va = training.cached_items(va_s, stage2_real_item, cache, tag, _log)
+    return tr, va, {"stage2_real_samples_train": len(tr), "stage2_real_samples_validation": len(va),
+                    "stage2_real_patients_train": len(split["train"]), "split": split,
+                    "stage2_data": str(args.data), "stage2_format": "openkbp (group labels: mandible, body rind)"}
+
+
+def mix_stage2(real: list, phantoms: list, real_fraction: float) -> list:
+    """Phantoms repeated so that about ``real_fraction`` of the sampled items are real crops."""
+    if not real or not phantoms or real_fraction <= 0:
+        return phantoms + (real if real_fraction > 0 else [])
+    if real_fraction >= 1:
+        return real
+    reps = max(1, round(len(real) * (1 - real_fraction) / (real_fraction * len(phantoms))))
+    return real + phantoms * reps
+
+
+def init_normalisation(path: str, stage: int):
+    """The normalisation a fine-tune starts from: a bundle's stage spec, or a training checkpoint's."""
+    import torch
+
+    from .. import bundle as bundle_mod
+
+    p = Path(path)
+    if p.is_dir():
+        return bundle_mod.verify(p).normalisation(f"stage{stage}")
+    ck = torch.load(p, map_location="cpu", weights_only=False)
+    return ck.get("normalisation") if isinstance(ck, dict) else None
 
 
 def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
@@ -270,9 +330,18 @@ def _cfg(args, stage, run_dir, spacing, patch, network=None):
         patch = tuple(override)
 
     r = recipe(args, stage)
+    lowres = getattr(args, "lowres", None)
+    if lowres is None and stage == 2 and getattr(args, "format", "") == "openkbp" and getattr(args, "data", None):
+        lowres = [0.25, 0.25]
+    augment = {}
+    if lowres:
+        if not 0 <= lowres[0] <= 1 or (len(lowres) > 1 and not 0 < lowres[1] <= 1) or len(lowres) > 2:
+            raise ParotidOARError("--lowres takes P in [0, 1] and optionally ZOOM_MIN in (0, 1].")
+        augment = {"p_lowres": float(lowres[0]), "lowres_zoom": (float(lowres[1]) if len(lowres) > 1 else 0.5, 1.0)}
     return training.TrainConfig(stage=stage, run_dir=str(run_dir), epochs=args.epochs,
                                 iterations_per_epoch=args.iterations_per_epoch, batch_size=args.batch_size,
                                 lr=args.lr, patch=tuple(patch), spacing=tuple(spacing), network=network or {},
+                                augment=augment,
                                 device=args.device, threads=args.threads, seed=args.seed,
                                 max_minutes=args.max_minutes, progress=not args.no_progress,
                                 fg_fraction=getattr(args, "fg_fraction", 0.33),
@@ -379,7 +448,7 @@ def _run(args, world: int, rank: int) -> int:
         if rank == 0:
             (work / "stage1" / "record.json").write_text(json.dumps(rec, indent=2))
     if 2 in stages:
-        own = bool(args.data) and args.format != "openkbp"
+        own = bool(args.data)
         if not own and not args.phantom_cases:
             raise ParotidOARError("Stage 2 needs cases with OAR labels: a --data folder (seg / labelmap) "
                                   "holding the six OARs, and/or --phantom-cases N synthetic phantoms.")
@@ -388,9 +457,18 @@ def _run(args, world: int, rank: int) -> int:
             if own:
                 tr, va, desc2 = stage2_data(args, work)
             if args.phantom_cases:
-                tr = tr + phantom_items(args.phantom_cases, 100000, 2, args)
-                va = va + phantom_items(args.phantom_val_cases, 200000, 2, args)
-        norm = training.compute_normalisation(tr)
+                ph_tr = phantom_items(args.phantom_cases, 100000, 2, args)
+                if args.format == "openkbp":
+                    tr = mix_stage2(tr, ph_tr, args.real_fraction)
+                    desc2["real_fraction"] = args.real_fraction
+                else:
+                    tr = tr + ph_tr
+                ph_va = phantom_items(args.phantom_val_cases, 200000, 2, args)
+                # interleaved, so that the fixed validation patches hold phantoms (the per-class Dice) too
+                va = [x for pair in itertools.zip_longest(ph_va, va) for x in pair if x is not None]
+        norm = init_normalisation(args.init_from, 2) if args.init_from else None
+        if norm is None:  # from the class-labelled items (a group map's foreground is not an organ's)
+            norm = training.compute_normalisation([it for it in tr if not it["meta"].get("partial")] or tr)
         cfg = _cfg(args, 2, work / "stage2", training.STAGE2_SPACING, training.STAGE2_PATCH)
         _log(f"stage 2: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
         rec = training.train(cfg, training.prepare(tr, norm, 2, cfg.patch), training.prepare(va, norm, 2, cfg.patch),

@@ -2,9 +2,12 @@
 
 * Stage 1: parotid DSC, HD95 and surface DSC (2.85 mm tolerance, Nikolov et al.) per side
   against the hospital's Parotid-Lt / Parotid-Rt, on the CT's own grid.
-* Stage 2 (trained on phantoms only): how the predicted Mandibular ramus + Condyle process
-  covers the real Mandible inside the predicted ROI (recall = covered fraction of the
-  in-ROI mandible, precision = fraction of the prediction that is mandible, DSC).
+* Stage 2, where OpenKBP has real labels, inside the ROI built from stage 1's parotid and (``ref_*``)
+  from the reference parotid (``--roi-from``):
+  - the predicted Mandibular ramus ∪ Condyle process against the real Mandible (recall = covered
+    fraction of the in-ROI mandible, precision = fraction of the prediction that is mandible, DSC);
+  - the predicted Skin against the body's outer 3 mm (body from the CT at −400 HU, holes filled per
+    slice): DSC, precision, recall and surface DSC at 2 mm.
 
 Excluded: validation/pt_221 (parotid masks do not match the CT; mean HU −251/−343) and
 patients without that side's parotid. OpenKBP: Babier et al. 2021, Med Phys 48:5549-5561, TCIA.
@@ -41,11 +44,14 @@ def main(argv=None):
                          "(writes eval_openkbp_components.json)")
     ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
     ap.add_argument("--parotid-only", action="store_true", help="stage 1 only (no mandible coverage figures)")
+    ap.add_argument("--roi-from", choices=["stage1", "reference", "both"], default="both",
+                    help="stage-2 measures (mandible, skin) inside the ROI from stage 1's parotid, from the "
+                         "reference parotid (ref_* keys; no stage-1 figures when 'reference'), or both")
     ap.add_argument("--baseline", help="an earlier eval_openkbp JSON: paired tests per side (DSC, surface DSC, "
                                         "HD95) against it, e.g. results/eval_openkbp_1.2.0.json")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_openkbp.json"))
     args = ap.parse_args(argv)
-    from ParotidOARLib import cascade, dataset, labels as L, metrics
+    from ParotidOARLib import cascade, dataset, labels as L, metrics, partial_labels
     from ParotidOARLib.errors import EmptyStructureError
 
     root = Path(args.data) / args.split
@@ -59,43 +65,49 @@ def main(argv=None):
     if args.component_study:
         return component_study(args, samples, bundle)
     rows = []
+    sources = [] if args.parotid_only else (["stage1", "reference"] if args.roi_from == "both" else [args.roi_from])
     for s in samples:
         ct, g, masks, side = dataset.load_sample(s)
-        t = time.perf_counter()
         row = {"patient": s.patient, "side": side}
-        try:
-            res = cascade.run(ct, g, cascade.SegmentOptions(side=side, model_dir=args.model, tta=args.tta,
-                                                            threads=args.threads or None), bundle=bundle,
-                              parotid_only=args.parotid_only)
-        except EmptyStructureError:
-            row.update({"dsc": 0.0, "empty": True})
-            rows.append(row)
-            print(f"{s.patient} {side}: no parotid found", flush=True)
-            continue
-        row["seconds"] = time.perf_counter() - t
-        m = metrics.compare(res.masks[L.PAROTID], masks["Parotid"], g.spacing_zyx, tolerance_mm=2.85)
-        row.update({k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall",
-                                          "volume_pred_cc", "volume_ref_cc")})
-        if "Mandible" in masks and not args.parotid_only:
-            mand = masks["Mandible"] & res.roi
-            pred = (res.masks[L.RAMUS] | res.masks[L.CONDYLE]) & res.roi
-            inter = float((mand & pred).sum())
-            row["mandible_in_roi_cc"] = float(mand.sum()) * g.voxel_volume_cc
-            row["mandible_recall"] = inter / mand.sum() if mand.any() else None
-            row["mandible_precision"] = inter / pred.sum() if pred.any() else None
-            row["mandible_dsc"] = 2 * inter / (mand.sum() + pred.sum()) if (mand.any() or pred.any()) else None
+        opts = cascade.SegmentOptions(side=side, model_dir=args.model, tta=args.tta, threads=args.threads or None)
+        rind = None
+        if not args.parotid_only:  # the body from the CT at -400 HU (holes filled), its outer 3 mm
+            rind = partial_labels.outer_rind(partial_labels.body_from_ct(ct), g.spacing_zyx, SKIN_RIND_MM)
+        if args.roi_from != "reference" or args.parotid_only:
+            t = time.perf_counter()
+            try:
+                res = cascade.run(ct, g, opts, bundle=bundle, parotid_only=args.parotid_only)
+            except EmptyStructureError:
+                row.update({"dsc": 0.0, "empty": True})
+                rows.append(row)
+                print(f"{s.patient} {side}: no parotid found", flush=True)
+                continue
+            row["seconds"] = time.perf_counter() - t
+            m = metrics.compare(res.masks[L.PAROTID], masks["Parotid"], g.spacing_zyx, tolerance_mm=2.85)
+            row.update({k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall",
+                                              "volume_pred_cc", "volume_ref_cc")})
+            if "stage1" in sources:
+                row.update(stage2_measures(res, masks, rind, g, ""))
+        if "reference" in sources:
+            res = cascade.run(ct, g, opts, bundle=bundle, parotid=masks["Parotid"], parotid_source="reference")
+            row.update(stage2_measures(res, masks, rind, g, "ref_"))
         rows.append(row)
-        print(f"{s.patient} {side}: parotid DSC {row['dsc']:.3f} HD95 {row['hd95_mm']:.1f} mm "
-              f"sDSC {row['surface_dsc']:.3f}; mandible recall {row.get('mandible_recall')}", flush=True)
+        print(f"{s.patient} {side}: parotid DSC {row.get('dsc', float('nan')):.3f} "
+              f"HD95 {row.get('hd95_mm', float('nan')):.1f} mm; mandible DSC {row.get('mandible_dsc')} "
+              f"(reference ROI {row.get('ref_mandible_dsc')}); skin DSC {row.get('skin_dsc')} "
+              f"(reference ROI {row.get('ref_skin_dsc')})", flush=True)
+    s2 = [p + k for p in ("", "ref_") for k in STAGE2_KEYS]
     summary = {k: metrics.describe([r.get(k) for r in rows]) for k in
-               ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall", "mandible_recall",
-                "mandible_precision", "mandible_dsc", "seconds")}
+               ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall", *s2, "seconds")}
     out = {"model": bundle.manifest.model_id, "data": f"OpenKBP {args.split} (minus {', '.join(EXCLUDE)})",
            "tta": bool(args.tta), "parotid_only": bool(args.parotid_only),
            "n_samples": len(rows), "n_patients": len({r['patient'] for r in rows}), "summary": summary,
            "rows": rows, "surface_dsc_tolerance_mm": 2.85,
-           "note": "Mean ± SD over patient sides. Stage 2 was trained on phantoms only; ramus + condyle is "
-                   "compared with the whole in-ROI mandible (which also holds part of the mandibular body)."}
+           "roi_from": args.roi_from, "skin_rind_mm": SKIN_RIND_MM, "skin_surface_dsc_tolerance_mm": 2.0,
+           "note": "Mean ± SD over patient sides. Inside the ROI (from stage 1's parotid: mandible_* and skin_*; "
+                   "from the reference parotid: ref_*): ramus ∪ condyle against the real Mandible (which also "
+                   "holds part of the mandibular body), and Skin against the body's outer 3 mm (the body from "
+                   "the CT at -400 HU, holes filled per slice; partial_labels.outer_rind)."}
     if args.baseline:
         out["paired_vs_baseline"] = paired_vs_baseline(rows, args.baseline)
         for k, t in out["paired_vs_baseline"]["tests"].items():
@@ -104,11 +116,46 @@ def main(argv=None):
     p = Path(args.out)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(out, indent=1, default=float))
-    print(f"parotid DSC {summary['dsc']['mean']:.3f} ± {summary['dsc']['sd']:.3f}, HD95 {summary['hd95_mm']['mean']:.1f} mm, "
-          f"surface DSC {summary['surface_dsc']['mean']:.3f} (n={len(rows)}); mandible recall "
-          f"{summary['mandible_recall']['mean']:.3f}, precision {summary['mandible_precision']['mean']:.3f}")
+    def _m(k):
+        v = summary.get(k, {}).get("mean")
+        return "n/a" if v is None else f"{v:.3f}"
+
+    print(f"parotid DSC {_m('dsc')} ± {summary['dsc'].get('sd') or 0:.3f}, HD95 {_m('hd95_mm')} mm, "
+          f"surface DSC {_m('surface_dsc')} (n={len(rows)})")
+    for p, what in (("", "stage-1 ROI"), ("ref_", "reference ROI")):
+        print(f"{what}: mandible DSC {_m(p + 'mandible_dsc')} precision {_m(p + 'mandible_precision')} recall "
+              f"{_m(p + 'mandible_recall')}; skin vs 3 mm body rind DSC {_m(p + 'skin_dsc')} "
+              f"surface DSC (2 mm) {_m(p + 'skin_surface_dsc')}")
     print(f"wrote {p}")
     return 0
+
+
+SKIN_RIND_MM = 3.0
+STAGE2_KEYS = ("mandible_recall", "mandible_precision", "mandible_dsc", "skin_dsc", "skin_surface_dsc",
+               "skin_precision", "skin_recall")
+
+
+def stage2_measures(res, masks, rind, g, prefix: str) -> dict:
+    """Inside the result's ROI: ramus ∪ condyle against the real mandible, skin against the body rind."""
+    from ParotidOARLib import labels as L, metrics
+
+    out = {}
+    if "Mandible" in masks:
+        mand = masks["Mandible"] & res.roi
+        pred = (res.masks[L.RAMUS] | res.masks[L.CONDYLE]) & res.roi
+        inter = float((mand & pred).sum())
+        out["mandible_in_roi_cc"] = float(mand.sum()) * g.voxel_volume_cc
+        out["mandible_recall"] = inter / mand.sum() if mand.any() else None
+        out["mandible_precision"] = inter / pred.sum() if pred.any() else None
+        out["mandible_dsc"] = 2 * inter / (mand.sum() + pred.sum()) if (mand.any() or pred.any()) else None
+    if rind is not None:
+        ref = rind & res.roi
+        pred = res.masks[L.SKIN] & res.roi
+        if ref.any() or pred.any():
+            m = metrics.compare(pred, ref, g.spacing_zyx, tolerance_mm=2.0)
+            out.update({"skin_dsc": m.get("dsc"), "skin_surface_dsc": m.get("surface_dsc"),
+                        "skin_precision": m.get("precision"), "skin_recall": m.get("recall")})
+    return {prefix + k: v for k, v in out.items()}
 
 
 def paired_vs_baseline(rows, baseline_path) -> dict:
@@ -119,8 +166,9 @@ def paired_vs_baseline(rows, baseline_path) -> dict:
     base = json.loads(Path(baseline_path).read_text())
     index = {(r["patient"], r["side"]): r for r in base["rows"]}
     pairs = [(r, index[(r["patient"], r["side"])]) for r in rows if (r["patient"], r["side"]) in index]
-    tests = {k: metrics.paired_test([a.get(k) for a, _ in pairs], [b.get(k) for _, b in pairs])
-             for k in ("dsc", "surface_dsc", "hd95_mm")}
+    keys = [k for k in ("dsc", "surface_dsc", "hd95_mm", "mandible_dsc", "skin_dsc", "ref_mandible_dsc", "ref_skin_dsc")
+            if any(a.get(k) is not None and b.get(k) is not None for a, b in pairs)]
+    tests = {k: metrics.paired_test([a.get(k) for a, _ in pairs], [b.get(k) for _, b in pairs]) for k in keys}
     better = sum(1 for a, b in pairs if (a.get("dsc") or 0) > (b.get("dsc") or 0))
     return {"model": base.get("model"), "file": Path(baseline_path).name, "n_pairs": len(pairs),
             "sides_with_higher_dsc": better, "tests": tests}
@@ -136,7 +184,7 @@ RULES = {"all components": (0.0, float("inf")), "largest only": (float("inf"), f
 def component_study(args, samples, bundle):
     """Stage-1 post-processing chosen on OpenKBP validation: every rule applied to the same
     all-components parotid (on the CT grid), scored against the hospital contour."""
-    from ParotidOARLib import cascade, dataset, labels as L, metrics
+    from ParotidOARLib import cascade, dataset, labels as L, metrics, partial_labels
     from ParotidOARLib.errors import EmptyStructureError
 
     rows = []

@@ -1,0 +1,191 @@
+"""Stage 2 from partially labelled real CT (OpenKBP): label groups and a marginal loss.
+
+No public data set labels the six OARs. OpenKBP labels two things stage 2 can learn from:
+
+* the **mandible**: inside the ROI it is the mandibular ramus and the condyle process (and a little
+  of the mandibular body, which the paper's ramus contour takes in too);
+* the **body**, from which the skin follows: the phantom (and the paper) define the skin as the
+  body's outer rind, about 3 mm deep.
+
+So a real sample cannot say "this voxel is ramus" or "this voxel is background", only "this voxel is
+one of a *set* of classes". Each voxel of a real sample's label map holds a **group**, a set of
+classes the voxel may be:
+
+=========  ====================================================  =====================================
+group      classes                                               where
+=========  ====================================================  =====================================
+AIR        background, external auditory canal                  outside the body (CT ≤ −400 HU, holes
+                                                                 filled per slice); the canal's lumen
+                                                                 is air open to the outside
+INNER      background, auricula, mastoid process, canal          inside the body, deeper than the rind,
+                                                                 not mandible (the three OARs the data
+                                                                 does not label may be anywhere here)
+RIND       skin, auricula, canal                                 the body's outer 3 mm (the auricle and
+                                                                 the canal's opening lie in the rind too)
+MANDIBLE   condyle process, mandibular ramus                     OpenKBP's Mandible
+UNKNOWN    —                                                     no supervision (value 255)
+=========  ====================================================  =====================================
+
+The loss on a group map is the **marginal loss** (Shi et al., "Marginal loss and exclusion loss for
+partially supervised multi-organ segmentation", Med Image Anal 2021;70:101979; the same idea as Fang &
+Yan's target-adaptive loss, IEEE TMI 2020;39:3619): the softmax probabilities of the classes in a group
+are summed into one probability, and cross-entropy is computed on those merged probabilities over the
+supervised voxels. A voxel in INNER is therefore pushed away from ramus, condyle and skin only, never
+towards background (it may be auricula, mastoid or canal); a voxel in MANDIBLE is pushed towards
+"ramus or condyle" and the split between the two is left to the phantoms. A soft Dice (nnU-Net's batch
+Dice, over the batch's group-labelled samples and their supervised voxels) is added for the groups
+whose classes belong to no other group and exclude background: MANDIBLE. RIND gets none, because its
+auricula and canal may also lie in INNER, so its merged probability is not a region of its own.
+
+In a batch, a group-labelled sample is marked by an all-zero ``channel_mask`` (no class is labelled
+on its own); :class:`ParotidOARLib.losses.DeepSupervisionLoss` then routes it to
+:func:`marginal_loss`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import labels as L
+
+AIR, INNER, RIND, MANDIBLE = 0, 1, 2, 3
+UNKNOWN = 255
+RIND_MM = 3.0  # the phantom's skin: 2.6-3.4 mm
+
+#: the classes (label values of stage 2: 0 background, 1 + index in ``L.OARS``) of each group
+GROUP_CLASSES = {
+    AIR: ("background", L.EAC),
+    INNER: ("background", L.AURICULA, L.MASTOID, L.EAC),
+    RIND: (L.SKIN, L.AURICULA, L.EAC),
+    MANDIBLE: (L.CONDYLE, L.RAMUS),
+}
+GROUP_NAMES = {AIR: "air", INNER: "inner", RIND: "rind", MANDIBLE: "mandible"}
+#: groups that get a soft-Dice term: no background and no class shared with another group. The rind's
+#: auricula and canal may also lie in INNER, so a Dice on "skin ∪ auricula ∪ canal" would count every
+#: inner auricula voxel as a false rind voxel; the rind is supervised by the marginal CE alone.
+DICE_GROUPS = (MANDIBLE,)
+
+
+def class_value(name: str) -> int:
+    return 0 if name == "background" else 1 + L.OARS.index(name)
+
+
+def group_matrix(n_classes: int = 1 + len(L.OARS)) -> np.ndarray:
+    """(groups × classes) 0/1 matrix: row g has a 1 for each class the group may be."""
+    m = np.zeros((len(GROUP_CLASSES), n_classes), np.float32)
+    for g, names in GROUP_CLASSES.items():
+        for n in names:
+            m[g, class_value(n)] = 1.0
+    return m
+
+
+def body_from_ct(ct: np.ndarray, threshold_hu: float = -400.0) -> np.ndarray:
+    """The patient body: CT above ``threshold_hu``, largest connected component, holes filled per
+    slice (``preprocess.body_mask``, the same body ``segment`` uses for its midline)."""
+    from . import preprocess
+    from .imageio import Geometry
+
+    g = Geometry(size=tuple(reversed(ct.shape)), spacing=(1.0, 1.0, 1.0))  # the grid matters only for step=None
+    return preprocess.body_mask(ct, g, threshold_hu=threshold_hu, step=1)
+
+
+def outer_rind(body: np.ndarray, spacing_zyx, depth_mm: float = RIND_MM) -> np.ndarray:
+    """The body's outer ``depth_mm`` (physical mm): body voxels whose centre lies within ``depth_mm`` of
+    the body's surface, the surface lying half a voxel beyond the outermost body voxels (distance to
+    the nearest outside voxel centre minus half the smallest spacing). On a 1 mm grid that is 3 voxels
+    for 3 mm; on OpenKBP's 3.9 × 3.9 × 2.5 mm grid, the outermost voxel. The crop's own faces are not
+    a surface (a body cut by the crop gets no rind there)."""
+    from scipy import ndimage
+
+    body = np.asarray(body, bool)
+    if not body.any():
+        return body.copy()
+    sp = tuple(float(s) for s in spacing_zyx)
+    d = ndimage.distance_transform_edt(body, sampling=sp)
+    if (~body).any():
+        return body & (d - 0.5 * min(sp) <= depth_mm)
+    return np.zeros_like(body)
+
+
+def group_map(ct: np.ndarray, mandible: np.ndarray | None, spacing_zyx, body: np.ndarray | None = None,
+              depth_mm: float = RIND_MM) -> np.ndarray:
+    """A real crop's label map of groups (uint8): AIR / INNER / RIND / MANDIBLE (see the module doc).
+    Without a mandible label the mandible's voxels cannot be told from INNER, so the deep body is
+    UNKNOWN (only the rind and the air are supervised)."""
+    body = body_from_ct(ct) if body is None else np.asarray(body, bool)
+    rind = outer_rind(body, spacing_zyx, depth_mm)
+    out = np.full(ct.shape, AIR, np.uint8)
+    out[body] = INNER if mandible is not None else UNKNOWN
+    out[rind] = RIND
+    if mandible is not None:
+        out[np.asarray(mandible, bool)] = MANDIBLE
+    return out
+
+
+def stage2_real_item(sample, spacing=None, margin_mm: float = L.ROI_MARGIN_MM_DEFAULT, context_mm: float | None = None,
+                     depth_mm: float = RIND_MM) -> dict:
+    """One OpenKBP side → a group-labelled stage-2 item: the reference parotid + ``margin_mm`` ROI box
+    (+ context for the sampling-time jitter, as :func:`training.stage2_item`) on the stage-2 grid,
+    ``label`` = :func:`group_map` computed on that grid, ``channel_mask`` all zero (group-labelled)."""
+    from . import dataset, training
+    from .stageprep import expand_roi, stage2_arrays
+
+    spacing = training.STAGE2_SPACING if spacing is None else spacing
+    context_mm = training.ROI_JITTER_MM + 10.0 if context_mm is None else context_mm
+    ct, g, masks, side = dataset.load_sample(sample)
+    roi = expand_roi(masks["Parotid"], g, margin_mm)
+    # the body on the whole CT (an airway or mouth cut by the crop would otherwise get a "skin" rind)
+    keep = {"Body": body_from_ct(ct)}
+    if "Mandible" in masks:
+        keep["Mandible"] = masks["Mandible"]
+    ct2, m2, roi2, g2 = stage2_arrays(ct, g, keep, spacing, roi, context_mm=context_mm)
+    label = group_map(ct2, m2.get("Mandible"), g2.spacing_zyx, body=m2["Body"], depth_mm=depth_mm)
+    meta = {"patient": sample.patient, "side": side, "geometry": g2.to_dict(), "source": str(sample.ct_path.parent),
+            "groups": {GROUP_NAMES[k]: [class_value(n) for n in v] for k, v in GROUP_CLASSES.items()},
+            "partial": True}
+    return {"ct": ct2, "label": label, "roi": roi2, "channel_mask": np.zeros(1 + len(L.OARS), np.uint8),
+            "meta": meta}
+
+
+def foreground_groups(label: np.ndarray) -> dict:
+    """Foreground centres for sampling a group-labelled item: the mandible and the rind (not INNER,
+    which is most of the crop)."""
+    fg = {}
+    for c in (MANDIBLE, RIND):
+        idx = np.argwhere(label == c)
+        if len(idx):
+            if len(idx) > 4000:
+                idx = idx[np.linspace(0, len(idx) - 1, 4000).astype(int)]
+            fg[int(c)] = idx
+    return fg
+
+
+def marginal_loss(logits, target, groups=None, smooth: float = 1e-5, dice_groups=DICE_GROUPS):
+    """Marginal cross-entropy + soft Dice on merged probabilities (see the module doc).
+
+    logits (B, C, Z, Y, X); target (B, Z, Y, X) of group ids (``UNKNOWN`` = unsupervised);
+    groups: (G, C) 0/1 tensor (default :func:`group_matrix`)."""
+    import torch
+
+    if groups is None:
+        groups = torch.as_tensor(group_matrix(logits.shape[1]), device=logits.device)
+    groups = groups.to(device=logits.device, dtype=torch.float32)
+    probs = torch.softmax(logits.float(), 1)
+    merged = torch.einsum("gc,bczyx->bgzyx", groups, probs)  # P(voxel in group g)
+    t = target.long()
+    known = t != UNKNOWN
+    n_known = known.sum()
+    if n_known == 0:
+        return 0.0 * logits.float().sum()
+    tg = torch.where(known, t, torch.zeros_like(t))
+    p_true = merged.gather(1, tg[:, None])[:, 0].clamp(min=1e-7)
+    ce = -(torch.log(p_true) * known).sum() / n_known
+    kn = known[:, None].float()
+    dice_terms = []
+    for g in dice_groups:
+        p = merged[:, g:g + 1] * kn
+        y = (t == g)[:, None].float()
+        inter = (p * y).sum()
+        dice_terms.append((2 * inter + smooth) / (p.sum() + y.sum() + smooth))
+    dice = torch.stack(dice_terms).mean() if dice_terms else torch.ones((), device=logits.device)
+    return ce + (1 - dice)

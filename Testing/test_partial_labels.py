@@ -1,0 +1,192 @@
+"""Stage 2 from partially labelled real CT (issue 13): label groups, the marginal loss, the body rind,
+group-labelled OpenKBP crops and a stage-2 training run that mixes them with phantoms.
+
+Real torch, real OpenKBP files (skipped without ../shared/data/openkbp) and real phantoms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ParotidOARLib import labels as L
+from ParotidOARLib import partial_labels as P
+from ParotidOARLib.losses import DeepSupervisionLoss, masked_ce, soft_dice_loss
+
+REPO = Path(__file__).resolve().parents[1]
+OPENKBP = REPO.parent / "shared" / "data" / "openkbp"
+needs_openkbp = pytest.mark.skipif(not (OPENKBP / "validation" / "pt_201").is_dir(),
+                                   reason="needs ../shared/data/openkbp")
+C = 1 + len(L.OARS)
+
+
+def _logits_for(cls_map: np.ndarray, strength: float = 8.0) -> torch.Tensor:
+    """Logits (1, C, Z, Y, X) that put almost all probability on ``cls_map``'s class per voxel."""
+    t = torch.as_tensor(cls_map).long()[None]
+    return (torch.nn.functional.one_hot(t, C).permute(0, 4, 1, 2, 3).float() * strength).requires_grad_(True)
+
+
+def test_group_matrix_matches_the_documented_groups():
+    m = P.group_matrix()
+    v = P.class_value
+    assert m.shape == (4, C)
+    assert set(np.flatnonzero(m[P.MANDIBLE])) == {v(L.CONDYLE), v(L.RAMUS)}
+    assert set(np.flatnonzero(m[P.RIND])) == {v(L.SKIN), v(L.AURICULA), v(L.EAC)}
+    assert set(np.flatnonzero(m[P.INNER])) == {0, v(L.AURICULA), v(L.MASTOID), v(L.EAC)}
+    assert set(np.flatnonzero(m[P.AIR])) == {0, v(L.EAC)}
+    # the mandible and the rind never include background: they are the Dice groups
+    assert m[P.MANDIBLE, 0] == 0 and m[P.RIND, 0] == 0
+    # Dice only where the group's classes are its own (auricula and canal are also INNER)
+    assert P.DICE_GROUPS == (P.MANDIBLE,)
+
+
+def test_marginal_loss_rewards_any_class_of_the_group_and_only_those():
+    shape = (6, 6, 6)
+    target = np.full(shape, P.MANDIBLE, np.uint8)
+    target[:2] = P.INNER
+    target[4:] = P.RIND
+    tgt = torch.as_tensor(target)[None]
+
+    def loss(cls_inner, cls_mandible, cls_rind):
+        cm = np.zeros(shape, int)
+        cm[:2], cm[2:4], cm[4:] = cls_inner, cls_mandible, cls_rind
+        with torch.no_grad():
+            return float(P.marginal_loss(_logits_for(cm), tgt))
+
+    v = P.class_value
+    good = [loss(v(L.AURICULA), v(L.RAMUS), v(L.SKIN)), loss(v(L.MASTOID), v(L.CONDYLE), v(L.AURICULA)),
+            loss(0, v(L.RAMUS), v(L.EAC)), loss(v(L.EAC), v(L.CONDYLE), v(L.SKIN))]
+    assert max(good) < 0.05, good
+    # the mandible predicted as background, the inner body as ramus or skin, the rind as background: wrong
+    for bad in (loss(v(L.AURICULA), 0, v(L.SKIN)), loss(v(L.RAMUS), v(L.RAMUS), v(L.SKIN)),
+                loss(v(L.SKIN), v(L.RAMUS), v(L.SKIN)), loss(0, v(L.RAMUS), 0), loss(0, v(L.RAMUS), v(L.MASTOID))):
+        assert bad > 0.5, bad
+
+
+def test_marginal_loss_ignores_unknown_voxels():
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 4, 8, 8))
+    target[:, :2] = P.UNKNOWN
+    logits = torch.randn(2, C, 4, 8, 8, requires_grad=True)
+    P.marginal_loss(logits, target).backward()
+    assert torch.count_nonzero(logits.grad[:, :, :2]) == 0  # no gradient where nothing is known
+    assert torch.count_nonzero(logits.grad[:, :, 2:]) > 0
+    changed = logits.detach().clone()
+    changed[:, :, :2] = torch.randn(2, C, 2, 8, 8) * 10
+    assert float(P.marginal_loss(changed, target)) == pytest.approx(float(P.marginal_loss(logits.detach(), target)))
+
+
+def test_marginal_loss_with_singleton_groups_is_dice_plus_ce():
+    """With one group per class the marginal loss is the ordinary Dice + CE of the foreground classes."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 4, 6, 6)
+    target = torch.randint(0, 3, (2, 4, 6, 6))
+    eye = torch.eye(3)
+    got = P.marginal_loss(logits, target, groups=eye, dice_groups=(1, 2))
+    want = masked_ce(logits, target) + soft_dice_loss(logits, target)
+    assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
+def test_deep_supervision_routes_group_labelled_samples():
+    """A batch mixing a phantom (class labels) and a real crop (groups, all-zero channel mask): each is
+    scored by its own loss, weighted by its share of the batch."""
+    torch.manual_seed(2)
+    logits = torch.randn(2, C, 4, 8, 8)
+    y = torch.randint(0, C, (2, 4, 8, 8))
+    y[1] = torch.randint(0, 4, (4, 8, 8))
+    cm = torch.ones(2, C)
+    cm[1] = 0
+    fn = DeepSupervisionLoss(1)
+    got = float(fn(logits, y, cm))
+    full = soft_dice_loss(logits[:1], y[:1], cm[:1]) + masked_ce(logits[:1], y[:1], cm[:1])
+    want = 0.5 * float(full) + 0.5 * float(P.marginal_loss(logits[1:], y[1:]))
+    assert got == pytest.approx(want, rel=1e-5)
+    # all class-labelled: unchanged behaviour
+    cm2 = torch.ones(2, C)
+    assert float(fn(logits, y, cm2)) == pytest.approx(float(soft_dice_loss(logits, y, cm2) + masked_ce(logits, y, cm2)))
+
+
+def test_outer_rind_depth_in_physical_mm():
+    # a box body 40 mm wide in a 1 x 1 x 2 mm grid (z, y, x spacing 2, 1, 1)
+    body = np.zeros((20, 60, 60), bool)
+    body[5:15, 10:50, 10:50] = True
+    rind = P.outer_rind(body, (2.0, 1.0, 1.0), 3.0)
+    assert not (rind & ~body).any()
+    row = rind[10, 30]  # through the middle: 3 voxels (3 mm) at each lateral face
+    assert row[10:13].all() and not row[13:47].any() and row[47:50].all()
+    col = rind[:, 30, 30]  # along z (2 mm voxels): the outer voxel only, 2 mm centre depth -> 1.5 within 3
+    assert col[5] and col[14] and not col[7:13].any()
+    # OpenKBP's grid: the outermost voxel in-plane
+    r4 = P.outer_rind(body[:, ::4, ::4], (2.0, 4.0, 4.0), 3.0)
+    assert r4[10, 7, 3] and not r4[10, 7, 4]
+    # the crop's faces are not a surface
+    full = np.ones((6, 10, 10), bool)
+    assert not P.outer_rind(full, (1, 1, 1)).any()
+
+
+@needs_openkbp
+def test_real_item_groups_follow_the_openkbp_labels():
+    from ParotidOARLib import dataset
+    from ParotidOARLib.imageio import Geometry
+    from ParotidOARLib.stageprep import resample_mask
+
+    samples, _ = dataset.discover(OPENKBP / "validation", "openkbp", exclude=["pt_221"])
+    s = [x for x in samples if x.patient == "pt_201"][0]
+    it = P.stage2_real_item(s)
+    lab, g2 = it["label"], Geometry.from_dict(it["meta"]["geometry"])
+    assert it["meta"]["partial"] and not it["channel_mask"].any()
+    assert lab.shape == it["ct"].shape == it["roi"].shape
+    assert set(np.unique(lab)) <= {P.AIR, P.INNER, P.RIND, P.MANDIBLE}
+    # the mandible group is OpenKBP's mandible resampled onto the crop
+    ct, g, masks, side = dataset.load_sample(s)
+    mand = resample_mask(masks["Mandible"], g, g2)
+    assert mand.any() and np.array_equal(lab == P.MANDIBLE, mand)
+    # air where the CT is air, rind next to it, inner body deeper
+    assert np.median(it["ct"][lab == P.AIR]) < -900
+    assert np.median(it["ct"][lab == P.INNER]) > -200
+    assert (lab[it["roi"]] == P.RIND).sum() * g2.voxel_volume_cc > 1.0  # the ROI reaches the skin
+    # a rind is only a few mm deep: every rind voxel is within 4 mm of air
+    from scipy import ndimage
+
+    d = ndimage.distance_transform_edt(lab != P.AIR, sampling=g2.spacing_zyx)
+    assert d[lab == P.RIND].max() <= 4.0
+
+
+@needs_openkbp
+def test_stage2_training_on_openkbp_and_phantoms(tmp_path):
+    """`train --stage 2 --format openkbp` mixes group-labelled real crops with phantoms, fine-tuning the
+    shipped bundle (its weights and normalisation), and writes a record naming both sources."""
+    data = tmp_path / "openkbp"
+    for split, pts in (("train", ["pt_201"]), ("validation", ["pt_202"])):
+        (data / split).mkdir(parents=True)
+        for pt in pts:
+            src = OPENKBP / "validation" / pt
+            if not src.is_dir():
+                pytest.skip(f"{src} missing")
+            os.symlink(src, data / split / pt)
+    shipped = REPO / "Resources" / "Models" / "parotid-oar-research-v1"
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "ParotidOARLib", "train", "--stage", "2", "--format", "openkbp", "--data", str(data),
+           "--work-dir", str(work), "--epochs", "1", "--iterations-per-epoch", "3", "--phantom-cases", "1",
+           "--phantom-val-cases", "1", "--phantom-size", "small", "--init-from", str(shipped),
+           "--real-fraction", "0.5", "--threads", "1", "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads((work / "stage2" / "record.json").read_text())
+    assert rec["stage2_real_samples_train"] == 2 and rec["stage2_real_samples_validation"] == 2
+    assert rec["real_fraction"] == 0.5 and rec["iterations"] == 3
+    from ParotidOARLib import bundle as bundle_mod
+
+    assert rec["normalisation"]["mean"] == pytest.approx(bundle_mod.verify(shipped).normalisation("stage2")["mean"])
+    cfg = json.loads((work / "stage2" / "train_config.json").read_text())
+    assert cfg["init_checkpoint"] == str(shipped)
+    # low-resolution simulation on by default with real CT in the mix, down to OpenKBP's ~4 mm
+    assert cfg["augment"]["p_lowres"] == 0.25 and cfg["augment"]["lowres_zoom"][0] == 0.25
