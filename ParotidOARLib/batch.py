@@ -33,6 +33,10 @@ At the end the summary is rebuilt from the per-case reports on disk, so a case a
 finished meanwhile is listed with its volumes (status ``skipped``), one that failed there with its
 error (``OUT/<case>.failed.json``, written by whichever batch ran it and removed on success) and one
 still being segmented elsewhere is ``claimed``.
+
+Each case goes through :func:`process_case` (skip, claim, segment, retry once, record, release);
+:func:`run_batch` calls it in a plain loop, and :mod:`.cohort` calls it on Dask workers
+(``batch --workers N`` / ``--scheduler``), so both paths behave the same. This module never imports Dask.
 """
 
 from __future__ import annotations
@@ -257,12 +261,8 @@ def write_summary(path, rows: list[dict]) -> Path:
     return path
 
 
-def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = "auto",
-              roi_margin_mm: float = labels.ROI_MARGIN_MM_DEFAULT, tta: bool = False, force: bool = False,
-              summary_path=None, log=print) -> list[dict]:
-    """Segment every case; returns the summary rows (also written to ``summary_path``)."""
-    from . import cascade
-
+def prepare_output(out_dir, summary_path=None) -> tuple[Path, Path]:
+    """Create (if needed) and check the batch output folder; returns ``(out_dir, summary_path)``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"The batch output {out_dir} is a file; give a folder.")
@@ -275,23 +275,111 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
     check_output(summary_path, force=True)  # the summary is rewritten each run; the folder must be writable
     if summary_path.parent != out_dir:
         check_output(out_dir / SUMMARY_NAME, force=True, what="output folder")
+    return out_dir, summary_path
+
+
+def _read_report(report_path) -> dict:
+    try:
+        return json.loads(Path(report_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def process_case(case: BatchCase, out_dir, segment, *, force: bool = False, first: bool = False,
+                 note=None) -> tuple[dict, str]:
+    """One case of a batch, whichever process runs it: skip it when done, claim it, segment it
+    (``segment(case, seg_path, report_path, first) -> report``), retry an unexpected failure once,
+    record a failure, release the claim. Returns ``(summary row, one-line outcome)``; ``note(text)``
+    hears the retry. The sequential loop and the Dask workers (:mod:`.cohort`) both call this."""
+    out_dir = Path(out_dir)
+    note = note or (lambda text: None)
+    seg_path, report_path = output_paths(out_dir, case.case_id)
+    if case.error:
+        _record_failure(out_dir, case, case.error)
+        return summary_row(case, "failed", case.error), f"FAILED: {case.error}"
+    if not force and seg_path.exists() and report_path.exists():
+        return (summary_row(case, "skipped", "outputs exist (use --force to redo)", None, _read_report(report_path)),
+                "skipped (done; --force to redo)")
+    if not claim(out_dir, case.case_id):
+        return summary_row(case, "claimed", "being segmented by another batch"), \
+            "skipped (another batch is segmenting it)"
+    try:
+        if not force and seg_path.exists() and report_path.exists():  # finished while we looked
+            return (summary_row(case, "skipped", "outputs exist (use --force to redo)", None,
+                                _read_report(report_path)), "skipped (done; --force to redo)")
+        t0 = time.perf_counter()
+        for attempt in (1, 2):
+            try:
+                report = segment(case, seg_path, report_path, first and attempt == 1)
+                error = None
+                break
+            except ParotidOARError as exc:  # a user error (corrupt file, bad side...): no retry
+                error = str(exc)
+                break
+            except (MemoryError, RuntimeError, ValueError, OSError) as exc:  # must not stop the batch
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt == 1:
+                    note(f"failed ({error}); retrying once")
+        seconds = time.perf_counter() - t0
+        if error is not None:
+            _record_failure(out_dir, case, error)
+            return summary_row(case, "failed", error, seconds), f"FAILED: {error}"
+        try:
+            failure_path(out_dir, case.case_id).unlink()
+        except FileNotFoundError:
+            pass
+        return summary_row(case, "ok", "", seconds, report), f"ok in {seconds:.1f} s -> {seg_path}"
+    finally:
+        release(out_dir, case.case_id)
+
+
+def finish_summary(cases: list[BatchCase], rows: list[dict], out_dir, summary_path) -> Path:
+    """Rebuild the rows of cases claimed elsewhere from the files on disk, then write the summary CSV."""
+    for i, row in enumerate(rows):
+        if row["status"] == "claimed":
+            seg_path, report_path = output_paths(out_dir, cases[i].case_id)
+            if seg_path.exists() and report_path.exists():
+                rows[i] = summary_row(cases[i], "skipped", "done by another batch", None, _read_report(report_path))
+            elif failure_path(out_dir, cases[i].case_id).exists():
+                record = _read_report(failure_path(out_dir, cases[i].case_id))
+                rows[i] = summary_row(cases[i], "failed", f"(another batch) {record.get('error', '')}")
+    return write_summary(summary_path, rows)
+
+
+def totals_line(rows: list[dict], total: int, summary_path) -> str:
+    n_failed = sum(r["status"] == "failed" for r in rows)
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    n_skip = sum(r["status"] in ("skipped", "claimed") for r in rows)
+    return f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}"
+
+
+def make_logger(log=print, bar=None):
+    """``_log(message, level)``: ``log(message)`` (stdout by default, above a progress bar if any) and the
+    ``ParotidOARLib.batch`` logger at DEBUG (so that -v does not show it twice and --log-file records it)."""
+    def _log(message, level=logging.INFO):
+        logger.debug("%s%s", "" if level <= logging.INFO else "warning: ", message)
+        if bar is not None and log is print:
+            bar.write(message)
+        else:
+            log(message)
+    return _log
+
+
+def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = "auto",
+              roi_margin_mm: float = labels.ROI_MARGIN_MM_DEFAULT, tta: bool = False, force: bool = False,
+              summary_path=None, threads: int | None = None, log=print, progress=None) -> list[dict]:
+    """Segment every case, one after another; returns the summary rows (also written to ``summary_path``).
+
+    ``progress`` is a :class:`progress.Progress` (a bar with the time left on a terminal, or
+    ``PROGRESS`` lines), advanced once per case."""
+    from . import cascade
+
+    out_dir, summary_path = prepare_output(out_dir, summary_path)
     rows: list[dict] = []
     total = len(cases)
     run_seconds: list[float] = []  # cases segmented in this run: the estimate of the time left
-
-    def _log(message, level=logging.INFO):
-        # printed (stdout) as before; the log gets it at DEBUG so that -v does not show it twice
-        # and --log-file records it
-        logger.debug("%s%s", "" if level <= logging.INFO else "warning: ", message)
-        log(message)
-
+    _log = make_logger(log, progress)
     bundle = None  # loaded and verified once, at the first case this run segments
-
-    def _read_report(report_path) -> dict:
-        try:
-            return json.loads(report_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
 
     def _segment(case, seg_path, report_path, first):
         nonlocal bundle
@@ -301,77 +389,23 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
                         bundle.directory)
         options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
                                          roi_margin_mm=roi_margin_mm, tta=tta, force=force,
-                                         series_uid=case.series_uid)
+                                         series_uid=case.series_uid, threads=threads)
         return cascade.segment(case.input, seg_path, options, report_path=report_path, warn=first, bundle=bundle)
 
     try:
         for n, case in enumerate(cases, start=1):
-            seg_path, report_path = output_paths(out_dir, case.case_id)
             left = (f", ~{sum(run_seconds) / len(run_seconds) * (total - n + 1):.0f} s left" if run_seconds
                     else "")
             prefix = f"[{n}/{total}{left}] {case.case_id}"
-            if case.error:
-                rows.append(summary_row(case, "failed", case.error))
-                _record_failure(out_dir, case, case.error)
-                _log(f"{prefix}: FAILED: {case.error}", logging.WARNING)
-                continue
-            if not force and seg_path.exists() and report_path.exists():
-                rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None,
-                                        _read_report(report_path)))
-                _log(f"{prefix}: skipped (done; --force to redo)")
-                continue
-            if not claim(out_dir, case.case_id):
-                rows.append(summary_row(case, "claimed", "being segmented by another batch"))
-                _log(f"{prefix}: skipped (another batch is segmenting it)")
-                continue
-            try:
-                if not force and seg_path.exists() and report_path.exists():  # finished while we looked
-                    rows.append(summary_row(case, "skipped", "outputs exist (use --force to redo)", None,
-                                            _read_report(report_path)))
-                    _log(f"{prefix}: skipped (done; --force to redo)")
-                    continue
-                t0 = time.perf_counter()
-                for attempt in (1, 2):
-                    try:
-                        report = _segment(case, seg_path, report_path, first=not run_seconds and attempt == 1)
-                        error = None
-                        break
-                    except ParotidOARError as exc:  # a user error (corrupt file, bad side...): no retry
-                        error = str(exc)
-                        break
-                    except (MemoryError, RuntimeError, ValueError, OSError) as exc:  # must not stop the batch
-                        error = f"{type(exc).__name__}: {exc}"
-                        if attempt == 1:
-                            _log(f"{prefix}: failed ({error}); retrying once", logging.WARNING)
-                seconds = time.perf_counter() - t0
-                if error is not None:
-                    rows.append(summary_row(case, "failed", error, seconds))
-                    _record_failure(out_dir, case, error)
-                    _log(f"{prefix}: FAILED: {error}", logging.WARNING)
-                    continue
-                try:
-                    failure_path(out_dir, case.case_id).unlink()
-                except FileNotFoundError:
-                    pass
-                run_seconds.append(seconds)
-                rows.append(summary_row(case, "ok", "", seconds, report))
-                _log(f"{prefix}: ok in {seconds:.1f} s -> {seg_path}")
-            finally:
-                release(out_dir, case.case_id)
+            row, outcome = process_case(case, out_dir, _segment, force=force, first=not run_seconds,
+                                        note=lambda text: _log(f"{prefix}: {text}", logging.WARNING))
+            rows.append(row)
+            if row["status"] == "ok":
+                run_seconds.append(float(row["seconds"]))
+            _log(f"{prefix}: {outcome}", logging.WARNING if row["status"] == "failed" else logging.INFO)
+            if progress is not None:
+                progress.advance(n, total, case.case_id)
     finally:
-        # rebuilt from the reports on disk: cases other batches finished meanwhile are listed with their volumes
-        for i, row in enumerate(rows):
-            if row["status"] == "claimed":
-                seg_path, report_path = output_paths(out_dir, cases[i].case_id)
-                if seg_path.exists() and report_path.exists():
-                    rows[i] = summary_row(cases[i], "skipped", "done by another batch", None,
-                                          _read_report(report_path))
-                elif failure_path(out_dir, cases[i].case_id).exists():
-                    record = _read_report(failure_path(out_dir, cases[i].case_id))
-                    rows[i] = summary_row(cases[i], "failed", f"(another batch) {record.get('error', '')}")
-        write_summary(summary_path, rows)  # also after Ctrl-C: the finished cases stay documented
-    n_failed = sum(r["status"] == "failed" for r in rows)
-    n_ok = sum(r["status"] == "ok" for r in rows)
-    n_skip = sum(r["status"] in ("skipped", "claimed") for r in rows)
-    _log(f"batch: {n_ok} ok, {n_skip} skipped, {n_failed} failed of {total}; summary: {summary_path}")
+        finish_summary(cases, rows, out_dir, summary_path)  # also after Ctrl-C: the finished cases stay documented
+    _log(totals_line(rows, total, summary_path))
     return rows

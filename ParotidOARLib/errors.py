@@ -52,3 +52,7 @@ class Cancelled(ParotidOARError):
     """The run was cancelled (Ctrl-C / SIGTERM). No partial output was left."""
 
     exit_code = 130
+
+
+class DependencyError(ParotidOARError):
+    """An optional package that the requested feature needs is not installed (the message says what to install)."""

@@ -6,12 +6,17 @@ A progress callback is any ``callable(pct: float, step: str)`` with ``pct`` in 0
 * ``lines=True`` — machine-readable ``PROGRESS <0-100> <step>`` lines on stdout,
   flushed immediately (the Slicer module parses them); repeated identical
   lines are suppressed;
-* else, on a terminal (stderr is a TTY) — a one-line progress bar on stderr, with the time
-  spent and an estimate of the time left;
+* else, on a terminal (stderr is a TTY) or with ``bar=True`` — a tqdm bar on stderr, with the
+  time spent and an estimate of the time left (tqdm is imported only then);
 * else — silent.
 
+``progress(pct, step)`` reports a percentage (``segment``); :meth:`Progress.advance` reports a
+count (``batch``: cases, ``train``: iterations of an epoch) — the same line protocol, the
+percentage being ``100 * done / total``. :meth:`Progress.write` prints a line on stdout above
+the bar.
+
 Whatever the mode, each new step is also logged (``ParotidOARLib.progress`` logger, INFO: seen
-with ``-v`` or in ``--log-file``). tqdm is not used: it is not a dependency.
+with ``-v`` or in ``--log-file``).
 """
 
 from __future__ import annotations
@@ -47,39 +52,68 @@ def scaled(progress, step: str):
 
 class Progress:
     def __init__(self, lines: bool = False, stream_out=None, stream_err=None, bar: bool | None = None,
-                 width: int = 30):
+                 unit: str = "case"):
         self.lines = lines
         self.out = stream_out or sys.stdout
         self.err = stream_err or sys.stderr
         if bar is None:
             bar = not lines and hasattr(self.err, "isatty") and self.err.isatty()
         self.bar = bar
-        self.width = width
+        self.unit = unit
         self._last = None
+        self._tqdm = None
         self._t0 = time.perf_counter()
+
+    def _bar(self, total, fmt):
+        if self._tqdm is None:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # a runtime dependency, but never worth stopping a segmentation for
+                log.debug("tqdm is not installed: no progress bar")
+                self.bar = False
+                return None
+            self._tqdm = tqdm(total=total, file=self.err, bar_format=fmt, leave=True, mininterval=0.2)
+        return self._tqdm
 
     def __call__(self, pct: float, step: str) -> None:
         pct_i = int(max(0.0, min(100.0, float(pct))))
         key = (pct_i, step)
         if key == self._last:
             return
-        if self._last is None or self._last[1] != step:
+        new_step = self._last is None or self._last[1] != step
+        if new_step:
             log.info("%s (%d%%, %.1f s)", step, pct_i, time.perf_counter() - self._t0)
         self._last = key
         if self.lines:
             self.out.write(f"PROGRESS {pct_i} {step}\n")
             self.out.flush()
         elif self.bar:
-            filled = int(self.width * pct_i / 100)
-            elapsed = time.perf_counter() - self._t0
-            left = f" ~{elapsed * (100 - pct_i) / pct_i:5.0f}s left" if 0 < pct_i < 100 else " " * 13
-            self.err.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {pct_i:3d}% {step:<12s} "
-                           f"{elapsed:5.1f}s{left}")
-            if pct_i >= 100:
-                self.err.write("\n")
-            self.err.flush()
+            bar = self._bar(100, "{desc:<11} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left")
+            if bar is not None:
+                bar.set_description_str(step, refresh=False)
+                bar.update(pct_i - bar.n)
+                if new_step:  # a new step is always shown, however soon it comes
+                    bar.refresh()
+
+    def advance(self, done: int, total: int, label: str = "") -> None:
+        """``done`` of ``total`` items finished (the last one ``label``)."""
+        if self.lines:
+            self(100.0 * done / max(total, 1), label.replace(" ", "_") or self.unit)
+        elif self.bar:
+            bar = self._bar(total, "{n_fmt}/{total_fmt} " + self.unit + "s |{bar}| {elapsed} elapsed, "
+                                   "~{remaining} left {postfix}")
+            if bar is not None:
+                bar.set_postfix_str(label, refresh=False)
+                bar.update(done - bar.n)
+
+    def write(self, message: str) -> None:
+        """A line on stdout; the bar (on stderr) is cleared and redrawn below it."""
+        if self._tqdm is not None:
+            self._tqdm.write(message, file=self.out)
+        else:
+            print(message, file=self.out, flush=True)
 
     def close(self):
-        if self.bar and self._last and self._last[0] < 100:
-            self.err.write("\n")
-            self.err.flush()
+        if self._tqdm is not None:
+            self._tqdm.close()
+            self._tqdm = None

@@ -44,6 +44,7 @@ from .augment import AugmentParams, sample_patch
 from .errors import DatasetError, ParotidOARError
 from .losses import DeepSupervisionLoss
 from .network import UNetConfig, build
+from .progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -466,24 +467,6 @@ def _plot(log_rows, path: Path):
     os.replace(tmp, path)
 
 
-class _Bar:
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.t0 = total, enabled, time.time()
-        self.tty = enabled and sys.stderr.isatty()
-
-    def update(self, n, text):
-        if not self.tty:
-            return
-        w = 30
-        f = int(w * n / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * f}{'.' * (w - f)}] {n}/{self.total} {text} ")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.tty:
-            sys.stderr.write("\n")
-
-
 @torch.no_grad()
 def evaluate_patches(model, batches, loss_fn, device, n_classes):
     model.eval()
@@ -578,7 +561,7 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
                                                        "normalisation": norm}, indent=2))
     model.train()
     while state["epoch"] < cfg.epochs:
-        bar = _Bar(cfg.iterations_per_epoch, cfg.progress and rank == 0)
+        bar = Progress(bar=None if cfg.progress and rank == 0 else False, unit="iteration")  # tqdm on a TTY
         t_epoch = time.time()
         losses = []
         for i in range(cfg.iterations_per_epoch):
@@ -599,8 +582,9 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
             scaler.update()
             losses.append(float(loss.detach()))
             state["iteration"] += 1
-            bar.update(i + 1, f"loss {np.mean(losses[-20:]):.3f} | val Dice "
-                              f"{state['ema_dice'] if state['ema_dice'] is not None else float('nan'):.3f}")
+            bar.advance(i + 1, cfg.iterations_per_epoch,
+                        f"epoch {state['epoch'] + 1}/{cfg.epochs} loss {np.mean(losses[-20:]):.3f} | val Dice "
+                        f"{state['ema_dice'] if state['ema_dice'] is not None else float('nan'):.3f}")
         bar.close()
         state["epoch"] += 1
         state["elapsed_s"] += time.time() - t_epoch
