@@ -15,18 +15,19 @@ intensities are obtained by mapping each voxel centre back into the patient
 frame and evaluating the shapes there, so the pose is applied through the
 physical geometry of the sampling — labels and image always agree.
 
-Anatomy (sizes scale with the head): soft tissue ~40 HU, subcutaneous fat
-~-100 HU, a ~3 mm skin rind, skull / skull base / temporal bone (cortical
-700-1500 HU), mastoid process with air cells behind and below the ear canal,
-an air-filled external auditory canal (~7 mm wide, ~25 mm long), the auricle
-standing out in air, the mandibular ramus (cortical + cancellous) with the
-condyle in the glenoid fossa just in front of the canal, and the parotid gland
-(-30..+30 HU) wrapped around the back of the ramus below the canal. On the
-operated side a random part of the gland is resected and partly replaced by
-seroma or fibrosis. Both sides exist (mirror anatomy); only the operated
-side's structures are labelled. The reference ROI is the residual parotid
-expanded by 17 mm (exact Euclidean distance in mm) and the six OARs in
-``labels`` are clipped to it (as in the paper); ``labels_full`` keeps them whole.
+Anatomy (sizes scale with the head): soft tissue ~40 HU, subcutaneous fat ~-100
+HU, a ~3 mm skin rind, skull / skull base / temporal bone (cortical 700-1500
+HU), mastoid process with air cells behind and below the ear canal, an
+air-filled external auditory canal (~7 mm wide, ~25 mm long), the auricle standing
+out in air with its concha cupping the canal opening, the mandibular ramus
+(cortical + cancellous) with the condyle in the glenoid fossa just in front of
+the canal, and the parotid gland (-30..+30 HU) wrapped around the back of the
+ramus below the canal. On the operated side a random part of the gland is
+resected and partly replaced by seroma or fibrosis. Both sides exist (mirror
+anatomy); only the operated side's structures are labelled. The reference ROI is
+the residual parotid expanded by 17 mm (exact Euclidean distance in mm) and the
+six OARs in ``labels`` are clipped to it (as in the paper); ``labels_full``
+keeps them whole.
 
 Determinism: one :class:`numpy.random.Generator` seeded with ``seed`` drives
 everything; all parameters are drawn in a fixed order before any optional
@@ -49,7 +50,7 @@ from . import labels as L
 from .errors import InputError, OutputExistsError
 from .imageio import Geometry
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: concha around the canal opening (issue #13)
 DISCLAIMER = "Synthetic phantom data - research use only, not for clinical use."
 DEFAULT_SPACING = (0.98, 0.98, 2.0)  # (x, y, z) mm
 SIZES = ("full", "small")
@@ -60,6 +61,10 @@ FULL_Z_BELOW_EAR_MM = 140.0  # of which below the ear-canal level
 SMALL_EXTENT_MM = (156.8, 156.8, 120.0)  # (x, y, z) of a "small" case (160 x 160 x 60 at the default spacing)
 MAX_CASES_PER_SEED = 1000
 AIR_HU = -1000.0
+# concha (cavum conchae) around the canal opening, relative to the auricle's size (see _auricle)
+CONCHA_RADIUS_PER_WIDTH = 0.22
+CONCHA_DEPTH_PER_HEIGHT = 0.18
+CONCHA_POSTERIOR_SHIFT = 0.3  # centre behind the meatus axis, in units of the inner radius
 HU_MIN, HU_MAX = -1024, 3071
 
 # body cross-section key frames (patient z in mm relative to the ear-canal level, unscaled)
@@ -577,8 +582,19 @@ def _auricle(ct, body_d, work: _Box, p: dict, sign: float, operated: bool, out: 
     r_c = p["canal"]["radius"]
     tr_semi = np.array([2.5, 2.5, 5.0]) * s
     tr_c = np.array([_head_half_width(-(r_c + 1.5), 0.0, s) + tr_semi[0] - 1.0, -(r_c + 1.5), 0.0])
-    lo = np.minimum(corners.min(axis=0), tr_c - tr_semi) - 1.0
-    hi = np.maximum(corners.max(axis=0), tr_c + tr_semi) + 1.0
+    # the concha (cavum conchae): a cup of auricle around the canal opening, its rim standing out
+    # laterally from the head; the meatus stays open. No random draw of its own (sizes follow the
+    # auricle's), so every other parameter of a seed is unchanged. Inner radius 0.22 x width
+    # (5.5-8.7 mm: 11-17 mm across), wall = the auricle's thickness (3-5 mm), depth 0.18 x height
+    # (9-13.5 mm), centred a little behind the meatus (the tragus is its front wall).
+    co_r = CONCHA_RADIUS_PER_WIDTH * au["width"]
+    co_t = au["thickness"]
+    co_depth = CONCHA_DEPTH_PER_HEIGHT * au["height"]
+    co_c = np.array([_head_half_width(0.0, 0.0, s), CONCHA_POSTERIOR_SHIFT * co_r, 0.0])
+    co_lo = co_c + np.array([-3.0, -(co_r + co_t), -(co_r + co_t)])
+    co_hi = co_c + np.array([co_depth + 3.0, co_r + co_t, co_r + co_t])
+    lo = np.minimum(np.minimum(corners.min(axis=0), tr_c - tr_semi), co_lo) - 1.0
+    hi = np.maximum(np.maximum(corners.max(axis=0), tr_c + tr_semi), co_hi) + 1.0
     b = _Side(work, sign).box(lo, hi)
     if b is None:
         return
@@ -591,11 +607,16 @@ def _auricle(ct, body_d, work: _Box, p: dict, sign: float, operated: bool, out: 
     outside = body_d[b.slices] >= 0
     tragus = (_ellipsoid(b.u, b.v, b.w, tr_c, tr_semi) <= 0) & b.half & outside
     plate = (ru <= 1.0) & (bend <= au["thickness"] / 2) & b.half & outside
+    rho = np.sqrt((b.v - co_c[1]) ** 2 + (b.w - co_c[2]) ** 2)
+    bd = body_d[b.slices]
+    concha = (outside & b.half & (bd <= co_depth) & (rho <= co_r + co_t)
+              & ((rho >= co_r) | (bd <= 2.0)) & ((b.v * b.v + b.w * b.w) > r_c * r_c))
     c = ct[b.slices]
-    _paint(c, plate | tragus, p["hu"]["soft_tissue"])
+    _paint(c, plate | tragus | concha, p["hu"]["soft_tissue"])
     _paint(c, plate & (bend <= au["thickness"] / 2 - 1.0) & (va > -0.55 * hh), p["hu"]["cartilage"])
+    _paint(c, concha & (rho >= co_r + 1.0) & (rho <= co_r + co_t - 1.0) & (bd >= 1.0), p["hu"]["cartilage"])
     if operated:
-        out[L.AURICULA][b.slices] |= plate | tragus
+        out[L.AURICULA][b.slices] |= plate | tragus | concha
 
 
 def _mastoid_cells(p: dict, lm: dict):

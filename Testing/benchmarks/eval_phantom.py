@@ -52,6 +52,8 @@ def load_case(seed, spacing, pose):
 
     tag = f"seed{seed}_{'x'.join(f'{v:g}' for v in spacing)}" + ("" if pose is None else "_pose" +
                                                                "_".join(f"{v:.1f}" for v in pose))
+    if phantom.GENERATOR_VERSION != "1":  # a cache made by another phantom version is never reused
+        tag += f"_g{phantom.GENERATOR_VERSION}"
     p = CACHE / f"{tag}.npz"
     if p.exists():
         with np.load(p) as z:
