@@ -277,16 +277,20 @@ def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
 
     from .. import training
 
+    from .. import phantom
+
     work = Path(args.work_dir)
     items = []
     t0 = time.time()
+    # a cache made by another phantom generator version is never reused
+    gen = "" if phantom.GENERATOR_VERSION == "1" else f"_g{phantom.GENERATOR_VERSION}"
     for i in range(n):
         seed = seed0 + i
         sp = PHANTOM_SPACINGS[i % len(PHANTOM_SPACINGS)] if seed0 < 200000 else (0.98, 0.98, 2.0)
         if stage == 1:
             sp1 = stage1_spacing(args)
             suffix = "" if sp1 == training.STAGE1_SPACING else "_" + "x".join(f"{v:g}" for v in sp1)
-            p = work / "cache" / "stage1-phantom" / f"phantom_{seed}_{args.phantom_size}{suffix}.npz"
+            p = work / "cache" / "stage1-phantom" / f"phantom_{seed}_{args.phantom_size}{suffix}{gen}.npz"
             if not p.exists():
                 p.parent.mkdir(parents=True, exist_ok=True)
                 it = training.phantom_stage1_item(seed, spacing_case=sp, size=args.phantom_size, stage_spacing=sp1)
@@ -294,8 +298,8 @@ def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
                                    **{k: v for k, v in it.items() if hasattr(v, "dtype")})
             items.append(training._item_from_npz(p))
             continue
-        p2 = work / "cache" / "stage2-phantom" / f"phantom_{seed}_{args.phantom_size}.npz"
-        p1 = work / "cache" / "onestep-phantom" / f"phantom_{seed}_{args.phantom_size}.npz"
+        p2 = work / "cache" / "stage2-phantom" / f"phantom_{seed}_{args.phantom_size}{gen}.npz"
+        p1 = work / "cache" / "onestep-phantom" / f"phantom_{seed}_{args.phantom_size}{gen}.npz"
         if not (p2.exists() and p1.exists()):
             p2.parent.mkdir(parents=True, exist_ok=True)
             p1.parent.mkdir(parents=True, exist_ok=True)
