@@ -765,7 +765,7 @@ def write_bundle(out_dir, stage1_run, stage2_run, *, name="parotid-oar-research-
 
 def replace_stage_in_bundle(base_dir, stage: str, run_dir, out_dir, *, version: str, which: str = "best_volume",
                             record: dict | None = None, data_description: dict | None = None,
-                            force: bool = False) -> Path:
+                            force: bool = False, description: str | None = None) -> Path:
     """A new bundle from an existing one with one stage's network replaced by a training run's
     checkpoint (``checkpoint_<which>.pt``); the other stage is kept byte for byte in value (fp16).
     The replaced stage's training record (``record``) goes into the manifest; the old one is kept
@@ -793,5 +793,7 @@ def replace_stage_in_bundle(base_dir, stage: str, run_dir, out_dir, *, version: 
     man.created = datetime.date.today().isoformat()
     if data_description is not None:
         man.data = data_description
+    if description is not None:
+        man.description = description
     states = {s: (ck["model"] if s == stage else base.state_dict(s)) for s in bundle.STAGES}
     return bundle.save_bundle(out_dir, man, states, half=True, force=force)
