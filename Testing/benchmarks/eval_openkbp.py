@@ -122,10 +122,10 @@ def main(argv=None):
 
     print(f"parotid DSC {_m('dsc')} ± {summary['dsc'].get('sd') or 0:.3f}, HD95 {_m('hd95_mm')} mm, "
           f"surface DSC {_m('surface_dsc')} (n={len(rows)})")
-    for p, what in (("", "stage-1 ROI"), ("ref_", "reference ROI")):
-        print(f"{what}: mandible DSC {_m(p + 'mandible_dsc')} precision {_m(p + 'mandible_precision')} recall "
-              f"{_m(p + 'mandible_recall')}; skin vs 3 mm body rind DSC {_m(p + 'skin_dsc')} "
-              f"surface DSC (2 mm) {_m(p + 'skin_surface_dsc')}")
+    for pre, what in (("", "stage-1 ROI"), ("ref_", "reference ROI")):
+        print(f"{what}: mandible DSC {_m(pre + 'mandible_dsc')} precision {_m(pre + 'mandible_precision')} recall "
+              f"{_m(pre + 'mandible_recall')}; skin vs 3 mm body rind DSC {_m(pre + 'skin_dsc')} "
+              f"surface DSC (2 mm) {_m(pre + 'skin_surface_dsc')}")
     print(f"wrote {p}")
     return 0
 
