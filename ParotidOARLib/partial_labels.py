@@ -91,20 +91,28 @@ def body_from_ct(ct: np.ndarray, threshold_hu: float = -400.0) -> np.ndarray:
 
 def outer_rind(body: np.ndarray, spacing_zyx, depth_mm: float = RIND_MM) -> np.ndarray:
     """The body's outer ``depth_mm`` (physical mm): body voxels whose centre lies within ``depth_mm`` of
-    the body's surface, the surface lying half a voxel beyond the outermost body voxels (distance to
-    the nearest outside voxel centre minus half the smallest spacing). On a 1 mm grid that is 3 voxels
-    for 3 mm; on OpenKBP's 3.9 × 3.9 × 2.5 mm grid, the outermost voxel. The crop's own faces are not
-    a surface (a body cut by the crop gets no rind there)."""
+    the body's surface. The surface lies on the faces of the outermost body voxels, so a voxel's depth
+    is its distance to the nearest outside voxel centre minus the half-voxel from the outside voxel's
+    centre to its face, along that direction (``0.5 / max_i(|u_i| / s_i)`` for the unit direction u
+    and spacings s; half a voxel along an axis). On a 1 × 1 × 2 mm grid that gives 3 voxels in-plane
+    and 2 along z for 3 mm; on OpenKBP's 3.9-5.4 mm grids, the outermost voxel. The crop's own faces are
+    not a surface (a body cut by the crop gets no rind there)."""
     from scipy import ndimage
 
     body = np.asarray(body, bool)
-    if not body.any():
-        return body.copy()
-    sp = tuple(float(s) for s in spacing_zyx)
-    d = ndimage.distance_transform_edt(body, sampling=sp)
-    if (~body).any():
-        return body & (d - 0.5 * min(sp) <= depth_mm)
-    return np.zeros_like(body)
+    if not body.any() or body.all():
+        return np.zeros_like(body)
+    sp = np.asarray([float(s) for s in spacing_zyx])
+    d, inds = ndimage.distance_transform_edt(body, sampling=sp, return_indices=True)
+    cand = body & (d <= depth_mm + 0.5 * sp.max())  # only these can be within depth_mm
+    pos = np.argwhere(cand)
+    v = (inds[:, cand].T - pos) * sp  # mm, to the nearest outside voxel centre
+    dist = d[cand]
+    u = np.abs(v) / np.maximum(dist, 1e-9)[:, None]
+    half = 0.5 / np.max(u / sp, axis=1)
+    out = np.zeros_like(body)
+    out[cand] = dist - half <= depth_mm + 1e-6
+    return out
 
 
 def group_map(ct: np.ndarray, mandible: np.ndarray | None, spacing_zyx, body: np.ndarray | None = None,

@@ -121,11 +121,19 @@ def test_outer_rind_depth_in_physical_mm():
     assert not (rind & ~body).any()
     row = rind[10, 30]  # through the middle: 3 voxels (3 mm) at each lateral face
     assert row[10:13].all() and not row[13:47].any() and row[47:50].all()
-    col = rind[:, 30, 30]  # along z (2 mm voxels): the outer voxel only, 2 mm centre depth -> 1.5 within 3
-    assert col[5] and col[14] and not col[7:13].any()
-    # OpenKBP's grid: the outermost voxel in-plane
-    r4 = P.outer_rind(body[:, ::4, ::4], (2.0, 4.0, 4.0), 3.0)
-    assert r4[10, 7, 3] and not r4[10, 7, 4]
+    col = rind[:, 30, 30]  # along z (2 mm voxels): centres 1 and 3 mm deep
+    assert col[5:7].all() and col[13:15].all() and not col[7:13].any()
+    # OpenKBP's grids (3.9 and 5.4 mm in-plane): the outermost voxel in-plane
+    for s in (3.9, 5.4):
+        r4 = P.outer_rind(body[:, ::4, ::4], (2.0, s, s), 3.0)
+        assert r4[10, 7, 3] and not r4[10, 7, 4]
+    # a diagonal surface: the depth is taken along the normal, not along the axes
+    yy, xx = np.mgrid[0:80, 0:80]
+    half_plane = np.broadcast_to((xx + yy < 80)[None], (4, 80, 80)).copy()
+    rd = P.outer_rind(half_plane, (1.0, 1.0, 1.0), 3.0)
+    depth = (79.5 - (xx + yy)) / np.sqrt(2)  # a centre's distance below the surface x + y = 79.5
+    inside = half_plane[0]
+    assert rd[2][inside & (depth <= 2.0)].all() and not rd[2][inside & (depth > 4.0)].any()
     # the crop's faces are not a surface
     full = np.ones((6, 10, 10), bool)
     assert not P.outer_rind(full, (1, 1, 1)).any()

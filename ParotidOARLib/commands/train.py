@@ -235,7 +235,7 @@ def stage2_openkbp_data(args, work: Path):
              "test": [], "note": "OpenKBP's own train/validation split; OpenKBP test is not used",
              "excluded": list(args.exclude)}
     dataset.save_split(split, work / "splits.json")
-    tag = f"s2-real-{training.STAGE2_SPACING}-groups-v1"
+    tag = f"s2-real-{training.STAGE2_SPACING}-groups-v2"  # v2: the rind's half-voxel along the surface normal
     _log(f"stage-2 real (group-labelled) cache: {len(tr_s)} train + {len(va_s)} validation samples")
     cache = work / "cache" / "stage2-real"
     tr = training.cached_items(tr_s, stage2_real_item, cache, tag, _log)
