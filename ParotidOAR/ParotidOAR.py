@@ -335,7 +335,7 @@ class ParotidOARTest(ScriptedLoadableModuleTest):
         masks = scene.segment_arrays(segmentation, volume)
         parotid = metrics.compare(masks[labels.PAROTID], case.labels[labels.PAROTID], case.geometry.spacing_zyx)
         logging.info(f"ParotidOAR self-test: parotid Dice {parotid['dsc']:.3f}")
-        # regression floors for the bundled research model 1.2.0 (on this case it measured parotid 0.64,
+        # regression floors for the bundled research model (1.2.0 measured on this case parotid 0.64,
         # mean OAR 0.93, lowest OAR 0.85)
         self.assertGreater(parotid["dsc"], 0.5, "Parotid Dice against the phantom reference is too low")
         oarDice = [metrics.compare(masks[name], case.labels[name], case.geometry.spacing_zyx)["dsc"]

@@ -184,6 +184,7 @@ def test_progress_bar_shows_time_left_and_lines_protocol_is_unchanged():
     lines.advance(1, 4, "phantom 1")
     lines.close()
     assert out.getvalue() == "PROGRESS 10 stage1\nPROGRESS 25 phantom_1\n" and err.getvalue() == ""
-    from ParotidOAR.ParotidOARGui.Process import parse_progress
+    sys.path.insert(0, str(REPO / "ParotidOAR"))  # as Slicer loads the module's GUI package
+    from ParotidOARGui.Process import parse_progress
 
     assert parse_progress("PROGRESS 25 phantom_1") == (25.0, "phantom_1")
