@@ -83,13 +83,14 @@ class DeepSupervisionLoss(torch.nn.Module):
             total = total + w * self._one_scale(out, t, channel_mask)
         return total
 
+    def _class_loss(self, out, t, channel_mask=None):
+        return (self.dice_weight * soft_dice_loss(out, t, channel_mask)
+                + self.ce_weight * masked_ce(out, t, channel_mask))
+
     def _one_scale(self, out, t, channel_mask):
-        if channel_mask is None:
-            return self.dice_weight * soft_dice_loss(out, t) + self.ce_weight * masked_ce(out, t)
-        grouped = channel_mask.sum(1) == 0
-        if not bool(grouped.any()):
-            return (self.dice_weight * soft_dice_loss(out, t, channel_mask)
-                    + self.ce_weight * masked_ce(out, t, channel_mask))
+        grouped = None if channel_mask is None else channel_mask.sum(1) == 0
+        if grouped is None or not bool(grouped.any()):
+            return self._class_loss(out, t, channel_mask)
         from .partial_labels import marginal_loss
 
         n = float(channel_mask.shape[0])
@@ -97,7 +98,5 @@ class DeepSupervisionLoss(torch.nn.Module):
         loss = (n_g / n) * marginal_loss(out[grouped], t[grouped])
         full = ~grouped
         if bool(full.any()):
-            cm = channel_mask[full]
-            loss = loss + ((n - n_g) / n) * (self.dice_weight * soft_dice_loss(out[full], t[full], cm)
-                                              + self.ce_weight * masked_ce(out[full], t[full], cm))
+            loss = loss + ((n - n_g) / n) * self._class_loss(out[full], t[full], channel_mask[full])
         return loss

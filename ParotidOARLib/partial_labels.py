@@ -64,6 +64,8 @@ GROUP_NAMES = {AIR: "air", INNER: "inner", RIND: "rind", MANDIBLE: "mandible"}
 #: auricula and canal may also lie in INNER, so a Dice on "skin ∪ auricula ∪ canal" would count every
 #: inner auricula voxel as a false rind voxel; the rind is supervised by the marginal CE alone.
 DICE_GROUPS = (MANDIBLE,)
+#: where a foreground-centred patch of a real crop is centred (not INNER, which is most of the crop)
+SAMPLING_GROUPS = (MANDIBLE, RIND)
 
 
 def class_value(name: str) -> int:
@@ -153,19 +155,6 @@ def stage2_real_item(sample, spacing=None, margin_mm: float = L.ROI_MARGIN_MM_DE
             "partial": True}
     return {"ct": ct2, "label": label, "roi": roi2, "channel_mask": np.zeros(1 + len(L.OARS), np.uint8),
             "meta": meta}
-
-
-def foreground_groups(label: np.ndarray) -> dict:
-    """Foreground centres for sampling a group-labelled item: the mandible and the rind (not INNER,
-    which is most of the crop)."""
-    fg = {}
-    for c in (MANDIBLE, RIND):
-        idx = np.argwhere(label == c)
-        if len(idx):
-            if len(idx) > 4000:
-                idx = idx[np.linspace(0, len(idx) - 1, 4000).astype(int)]
-            fg[int(c)] = idx
-    return fg
 
 
 def marginal_loss(logits, target, groups=None, smooth: float = 1e-5, dice_groups=DICE_GROUPS):

@@ -327,6 +327,18 @@ def phantom_stage1_item(seed: int, side="random", spacing_case=(0.98, 0.98, 2.0)
     return {"ct": ct1, "label": m1["Parotid"].astype(np.uint8), "meta": meta}
 
 
+def foreground_centres(label: np.ndarray, classes, limit: int = 4000) -> dict:
+    """{class: up to ``limit`` voxel indices of that class, evenly spread}, for the classes present."""
+    fg = {}
+    for c in classes:
+        idx = np.argwhere(label == c)
+        if len(idx):
+            if len(idx) > limit:
+                idx = idx[np.linspace(0, len(idx) - 1, limit).astype(int)]
+            fg[int(c)] = idx
+    return fg
+
+
 def prepare(items: list[dict], norm: dict, stage: int, patch, jitter_mm: float = ROI_JITTER_MM) -> list[dict]:
     """Normalise and index the items for sampling (in memory, float32 torch)."""
     out = []
@@ -334,18 +346,11 @@ def prepare(items: list[dict], norm: dict, stage: int, patch, jitter_mm: float =
         g = it["meta"]["geometry"]
         sp_zyx = (g["spacing"][2], g["spacing"][1], g["spacing"][0])
         lab = it["label"]
-        fg = {}
         if it["meta"].get("partial"):  # group-labelled real crop (partial_labels): mandible and rind centres
-            from .partial_labels import foreground_groups
-
-            fg = foreground_groups(lab)
-        for c in ([] if it["meta"].get("partial") else np.unique(lab)):
-            if c == 0:
-                continue
-            idx = np.argwhere(lab == c)
-            if len(idx) > 4000:
-                idx = idx[np.linspace(0, len(idx) - 1, 4000).astype(int)]
-            fg[int(c)] = idx
+            from .partial_labels import SAMPLING_GROUPS as classes
+        else:
+            classes = [c for c in np.unique(lab) if c != 0]
+        fg = foreground_centres(lab, classes)
         if "roi" in it and stage == 2 and it["roi"].any():
             ridx = np.argwhere(it["roi"])
             box = (ridx.min(0), ridx.max(0) + 1)

@@ -71,3 +71,13 @@ def tiny_bundle(tmp_path_factory) -> Path:
     from bundle_utils import make_tiny_bundle
 
     return make_tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-test", seed=0, stage1_bias=-1.0)
+
+
+@pytest.fixture(scope="session")
+def fast_bundle(tmp_path_factory) -> Path:
+    """A tiny bundle for batch runs: coarse spacings keep the sliding windows few, and the positive
+    stage-1 bias guarantees a non-empty parotid. Read-only for tests."""
+    from bundle_utils import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", stage1_bias=1.0,
+                            stage1_spacing=(6.0, 6.0, 6.0), stage2_spacing=(4.0, 4.0, 4.0))

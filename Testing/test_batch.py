@@ -15,15 +15,6 @@ pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
-def fast_bundle(tmp_path_factory):
-    from bundle_utils import make_tiny_bundle
-
-    # coarse spacings keep the sliding windows few; the positive bias guarantees a non-empty parotid
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", stage1_bias=1.0,
-                            stage1_spacing=(6.0, 6.0, 6.0), stage2_spacing=(4.0, 4.0, 4.0))
-
-
-@pytest.fixture(scope="module")
 def batch_input(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch-in")
     for seed, side in ((1, "left"), (2, "right")):

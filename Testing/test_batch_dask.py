@@ -26,14 +26,6 @@ SEEDS = (21, 22, 23, 24)
 
 
 @pytest.fixture(scope="module")
-def fast_bundle(tmp_path_factory):
-    from bundle_utils import make_tiny_bundle
-
-    return make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny", stage1_bias=1.0,
-                            stage1_spacing=(6.0, 6.0, 6.0), stage2_spacing=(4.0, 4.0, 4.0))
-
-
-@pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     for seed in SEEDS:

@@ -126,24 +126,34 @@ def _generic_split(data, fmt, label_map, exclude, work, check=None):
     return tr, va, split
 
 
-def stage1_data(args, work: Path):
+def _openkbp_split(args, work: Path):
+    """OpenKBP's own train / validation split of ``--data`` (checked, saved as ``splits.json``), or None
+    when ``--data`` has no ``train/`` folder → (train samples, validation samples, split)."""
     from .. import dataset
 
     data = Path(args.data)
-    if args.format == "openkbp" and (data / "train").is_dir():
-        tr_s, p1 = dataset.discover(data / "train", "openkbp", args.label_map, args.exclude)
-        va_s, p2 = dataset.discover(data / "validation", "openkbp", args.label_map, args.exclude) if (data / "validation").is_dir() \
-            else ([], [])
-        tr_s = [s for s in tr_s if s.patient not in args.exclude]
-        va_s = [s for s in va_s if s.patient not in args.exclude]
-        _log(f"validating {len(tr_s) + len(va_s)} samples ...")
-        dataset.validate(tr_s + va_s, p1 + p2)
-        split = {"train": sorted({s.patient for s in tr_s}), "validation": sorted({s.patient for s in va_s}),
-                 "test": [], "note": "OpenKBP's own train/validation split; OpenKBP test is not used",
-                 "excluded": list(args.exclude)}
-        dataset.save_split(split, work / "splits.json")
+    if not (data / "train").is_dir():
+        return None
+    tr_s, p1 = dataset.discover(data / "train", "openkbp", args.label_map, args.exclude)
+    va_s, p2 = dataset.discover(data / "validation", "openkbp", args.label_map, args.exclude) \
+        if (data / "validation").is_dir() else ([], [])
+    tr_s = [s for s in tr_s if s.patient not in args.exclude]
+    va_s = [s for s in va_s if s.patient not in args.exclude]
+    _log(f"validating {len(tr_s) + len(va_s)} samples ...")
+    dataset.validate(tr_s + va_s, p1 + p2)
+    split = {"train": sorted({s.patient for s in tr_s}), "validation": sorted({s.patient for s in va_s}),
+             "test": [], "note": "OpenKBP's own train/validation split; OpenKBP test is not used",
+             "excluded": list(args.exclude)}
+    dataset.save_split(split, work / "splits.json")
+    return tr_s, va_s, split
+
+
+def stage1_data(args, work: Path):
+    official = _openkbp_split(args, work) if args.format == "openkbp" else None
+    if official is not None:
+        tr_s, va_s, split = official
     else:
-        tr_s, va_s, split = _generic_split(data, args.format, args.label_map, args.exclude, work)
+        tr_s, va_s, split = _generic_split(Path(args.data), args.format, args.label_map, args.exclude, work)
     tr, va, desc = _cached_stage_items(1, tr_s, va_s, split, work, spacing=stage1_spacing(args),
                                        side_cut=recipe(args, 1)["side_cut"])
     return tr, va, {**desc, "validation_samples": va_s}
@@ -220,21 +230,13 @@ def stage2_openkbp_data(args, work: Path):
     """Stage 2 from OpenKBP: group-labelled crops (``partial_labels``: the mandible supervises ramus ∪
     condyle, the body's 3 mm rind supervises skin, nothing else is taken as background), built from the
     reference parotid + 17 mm like the phantoms' crops, on OpenKBP's own train / validation split."""
-    from .. import dataset, training
+    from .. import training
     from ..partial_labels import stage2_real_item
 
-    data = Path(args.data)
-    if not (data / "train").is_dir():
-        raise ParotidOARError(f"--format openkbp needs {data}/train (and validation); not found.")
-    tr_s, p1 = dataset.discover(data / "train", "openkbp", args.label_map, args.exclude)
-    va_s, p2 = dataset.discover(data / "validation", "openkbp", args.label_map, args.exclude) \
-        if (data / "validation").is_dir() else ([], [])
-    tr_s = [s for s in tr_s if s.patient not in args.exclude]
-    va_s = [s for s in va_s if s.patient not in args.exclude]
-    split = {"train": sorted({s.patient for s in tr_s}), "validation": sorted({s.patient for s in va_s}),
-             "test": [], "note": "OpenKBP's own train/validation split; OpenKBP test is not used",
-             "excluded": list(args.exclude)}
-    dataset.save_split(split, work / "splits.json")
+    official = _openkbp_split(args, work)
+    if official is None:
+        raise ParotidOARError(f"--format openkbp needs {args.data}/train (and validation); not found.")
+    tr_s, va_s, split = official
     tag = f"s2-real-{training.STAGE2_SPACING}-groups-v2"  # v2: the rind's half-voxel along the surface normal
     _log(f"stage-2 real (group-labelled) cache: {len(tr_s)} train + {len(va_s)} validation samples")
     cache = work / "cache" / "stage2-real"
@@ -275,9 +277,7 @@ def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
     so stage 2 holds up at other spacings; validation phantoms (seeds >= 200000) use the default."""
     import numpy as np
 
-    from .. import training
-
-    from .. import phantom
+    from .. import phantom, training
 
     work = Path(args.work_dir)
     items = []
