@@ -99,6 +99,8 @@ class TrainConfig:
     lr_by_time: bool = True
     #: whole-volume validation every N epochs through the inference path (``volume_validator``); 0 = never
     val_every: int = 0
+    #: stage 1: probability that a real (dataset) sample gets a simulated parotidectomy (``resection``)
+    resect_p: float = 0.0
 
 
 # ---------------------------------------------------------------------------------
@@ -363,7 +365,10 @@ def prepare(items: list[dict], norm: dict, stage: int, patch, jitter_mm: float =
                     "label": torch.from_numpy(lab.astype(np.uint8)),
                     "fg": fg, "box": box, "jitter": jit, "spacing_zyx": sp_zyx,
                     "pad": float(normalise(np.array([-1000.0]), norm)[0]), "meta": it["meta"],
-                    "channel_mask": it.get("channel_mask")})
+                    "channel_mask": it.get("channel_mask"),
+                    # a dataset CT (not a phantom, not group-labelled): may get a simulated resection
+                    "real": stage == 1 and "seed" not in it["meta"] and not it["meta"].get("partial"),
+                    "norm": norm})
     return out
 
 
@@ -373,11 +378,28 @@ def forced_foreground(i: int, batch_size: int, fg_fraction: float) -> bool:
     return i >= min(batch_size - 1, round(batch_size * (1 - fg_fraction)))
 
 
+def _resected(it: dict, rng: np.random.Generator) -> dict:
+    """A copy of a prepared stage-1 item with a simulated parotidectomy (``resection.simulate``)."""
+    from . import resection
+    from .imageio import Geometry
+
+    norm = it["norm"]
+    g = Geometry.from_dict(it["meta"]["geometry"])
+    img, lab, _ = resection.simulate(it["image"].numpy(), it["label"].numpy(), it["spacing_zyx"], rng,
+                                     lambda hu: float(normalise(np.array([hu]), norm)[0]),
+                                     side=it["meta"].get("side", "left"), direction_matrix=g.direction_matrix)
+    fg = np.argwhere(lab > 0)
+    return {**it, "image": torch.from_numpy(img.astype(np.float16)), "label": torch.from_numpy(lab),
+            "fg": {1: fg} if len(fg) else {}}
+
+
 def sample_batch(items, batch_size, patch, rng, fg_fraction, aug: AugmentParams, n_classes: int,
-                 fg_mode: str = "sample"):
+                 fg_mode: str = "sample", resect_p: float = 0.0):
     imgs, labs, cms = [], [], []
     for i in range(batch_size):
         it = items[rng.integers(len(items))]
+        if resect_p and it.get("real") and it["fg"] and rng.random() < resect_p:
+            it = _resected(it, rng)
         if fg_mode == "batch":
             want_fg = forced_foreground(i, batch_size, fg_fraction)
             if want_fg and not it["fg"]:  # an item without foreground cannot give a foreground patch
@@ -574,7 +596,7 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
             x, y, cm = sample_batch(train_items, cfg.batch_size, patch, rng, cfg.fg_fraction, aug, n_classes,
-                                    cfg.fg_mode)
+                                    cfg.fg_mode, resect_p=cfg.resect_p if cfg.stage == 1 else 0.0)
             x, y, cm = x.to(device), y.to(device), cm.to(device)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, enabled=use_amp):

@@ -28,6 +28,18 @@ from pathlib import Path
 from ..errors import DatasetError, ParotidOARError
 
 
+def _probability(text: str) -> float:
+    import argparse
+
+    try:
+        p = float(text)
+    except ValueError:
+        p = float("nan")
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"takes a probability in [0, 1], got {text!r}")
+    return p
+
+
 def add_arguments(p):
     p.add_argument("--data", help="dataset folder (case sub-folders; for --format openkbp the folder holding "
                                    "train/ and validation/, or a folder of pt_* cases)")
@@ -96,6 +108,10 @@ def add_arguments(p):
     p.add_argument("--stages1", type=int, default=0,
                    help="stage-1 resolution stages (default 4; 5 adds one more 2x2x2 downsampling)")
     p.add_argument("--max-features", type=int, default=0, help="feature cap (default 8x --base-features, <= 128)")
+    p.add_argument("--resect", type=_probability, default=0.0, metavar="P",
+                   help="stage 1: probability that a dataset sample gets a simulated parotidectomy (a cap of the "
+                        "gland replaced by soft tissue, fat, seroma or fibrosis; the label keeps the residual; "
+                        "docs/training.md). Default 0")
     p.add_argument("--val-every", type=int, default=0,
                    help="stage 1: every N epochs, segment every validation sample whole through the segment code "
                         "path and keep the best mean DSC as checkpoint_best_volume.pt (0 = never)")
@@ -351,7 +367,8 @@ def _cfg(args, stage, run_dir, spacing, patch, network=None):
                                 fg_fraction=getattr(args, "fg_fraction", 0.33),
                                 init_checkpoint=getattr(args, "init_from", ""), fg_mode=r["fg_mode"],
                                 augment_preset=r["augment"], lr_by_time=r["lr_by_time"],
-                                val_every=getattr(args, "val_every", 0) if stage == 1 else 0)
+                                val_every=getattr(args, "val_every", 0) if stage == 1 else 0,
+                                resect_p=getattr(args, "resect", 0.0) if stage == 1 else 0.0)
 
 
 def _init_distributed():
