@@ -23,6 +23,10 @@ INNER      background, auricula, mastoid process, canal          inside the body
 RIND       skin, auricula, canal                                 the body's outer 3 mm (the auricle and
                                                                  the canal's opening lie in the rind too)
 MANDIBLE   condyle process, mandibular ramus                     OpenKBP's Mandible
+OPEN       background, auricula, mastoid process, canal,         like INNER, but on an axial slice where
+           condyle process, mandibular ramus                     the Mandible is not contoured at all
+                                                                 (OpenKBP often contours it only up to
+                                                                 some level, below the condyle)
 UNKNOWN    —                                                     no supervision (value 255)
 =========  ====================================================  =====================================
 
@@ -34,8 +38,9 @@ supervised voxels. A voxel in INNER is therefore pushed away from ramus, condyle
 towards background (it may be auricula, mastoid or canal); a voxel in MANDIBLE is pushed towards
 "ramus or condyle" and the split between the two is left to the phantoms. A soft Dice (nnU-Net's batch
 Dice, over the batch's group-labelled samples and their supervised voxels) is added for the groups
-whose classes belong to no other group and exclude background: MANDIBLE. RIND gets none, because its
-auricula and canal may also lie in INNER, so its merged probability is not a region of its own.
+whose classes exclude background: MANDIBLE, over the voxels whose group shares none of its classes
+(OPEN voxels may be ramus or condyle, so they count neither for nor against it). RIND gets none, because
+its auricula and canal may also lie in INNER, so its merged probability is not a region of its own.
 
 In a batch, a group-labelled sample is marked by an all-zero ``channel_mask`` (no class is labelled
 on its own); :class:`ParotidOARLib.losses.DeepSupervisionLoss` then routes it to
@@ -48,7 +53,7 @@ import numpy as np
 
 from . import labels as L
 
-AIR, INNER, RIND, MANDIBLE = 0, 1, 2, 3
+AIR, INNER, RIND, MANDIBLE, OPEN = 0, 1, 2, 3, 4
 UNKNOWN = 255
 RIND_MM = 3.0  # the phantom's skin: 2.6-3.4 mm
 
@@ -58,8 +63,9 @@ GROUP_CLASSES = {
     INNER: ("background", L.AURICULA, L.MASTOID, L.EAC),
     RIND: (L.SKIN, L.AURICULA, L.EAC),
     MANDIBLE: (L.CONDYLE, L.RAMUS),
+    OPEN: ("background", L.AURICULA, L.MASTOID, L.EAC, L.CONDYLE, L.RAMUS),
 }
-GROUP_NAMES = {AIR: "air", INNER: "inner", RIND: "rind", MANDIBLE: "mandible"}
+GROUP_NAMES = {AIR: "air", INNER: "inner", RIND: "rind", MANDIBLE: "mandible", OPEN: "open"}
 #: groups that get a soft-Dice term: no background and no class shared with another group. The rind's
 #: auricula and canal may also lie in INNER, so a Dice on "skin ∪ auricula ∪ canal" would count every
 #: inner auricula voxel as a false rind voxel; the rind is supervised by the marginal CE alone.
@@ -117,15 +123,25 @@ def outer_rind(body: np.ndarray, spacing_zyx, depth_mm: float = RIND_MM) -> np.n
     return out
 
 
+def contoured_slices(mask: np.ndarray) -> np.ndarray:
+    """A volume that is True on every axial slice (index axis 0) where ``mask`` has a voxel."""
+    mask = np.asarray(mask, bool)
+    return np.broadcast_to(mask.any(axis=(1, 2))[:, None, None], mask.shape).copy()
+
+
 def group_map(ct: np.ndarray, mandible: np.ndarray | None, spacing_zyx, body: np.ndarray | None = None,
-              depth_mm: float = RIND_MM) -> np.ndarray:
-    """A real crop's label map of groups (uint8): AIR / INNER / RIND / MANDIBLE (see the module doc).
-    Without a mandible label the mandible's voxels cannot be told from INNER, so the deep body is
-    UNKNOWN (only the rind and the air are supervised)."""
+              depth_mm: float = RIND_MM, mandible_slices: np.ndarray | None = None) -> np.ndarray:
+    """A real crop's label map of groups (uint8): AIR / INNER / RIND / MANDIBLE / OPEN (see the module
+    doc). ``mandible_slices`` (True where the Mandible was contoured on the slice, on this grid;
+    :func:`contoured_slices` on the source grid, resampled) turns INNER into OPEN elsewhere. Without a
+    mandible label the mandible's voxels cannot be told from INNER, so the deep body is UNKNOWN (only
+    the rind and the air are supervised)."""
     body = body_from_ct(ct) if body is None else np.asarray(body, bool)
     rind = outer_rind(body, spacing_zyx, depth_mm)
     out = np.full(ct.shape, AIR, np.uint8)
     out[body] = INNER if mandible is not None else UNKNOWN
+    if mandible is not None and mandible_slices is not None:
+        out[body & ~np.asarray(mandible_slices, bool)] = OPEN
     out[rind] = RIND
     if mandible is not None:
         out[np.asarray(mandible, bool)] = MANDIBLE
@@ -148,8 +164,10 @@ def stage2_real_item(sample, spacing=None, margin_mm: float = L.ROI_MARGIN_MM_DE
     keep = {"Body": body_from_ct(ct)}
     if "Mandible" in masks:
         keep["Mandible"] = masks["Mandible"]
+        keep["MandibleSlices"] = contoured_slices(masks["Mandible"])
     ct2, m2, roi2, g2 = stage2_arrays(ct, g, keep, spacing, roi, context_mm=context_mm)
-    label = group_map(ct2, m2.get("Mandible"), g2.spacing_zyx, body=m2["Body"], depth_mm=depth_mm)
+    label = group_map(ct2, m2.get("Mandible"), g2.spacing_zyx, body=m2["Body"], depth_mm=depth_mm,
+                      mandible_slices=m2.get("MandibleSlices"))
     meta = {"patient": sample.patient, "side": side, "geometry": g2.to_dict(), "source": str(sample.ct_path.parent),
             "groups": {GROUP_NAMES[k]: [class_value(n) for n in v] for k, v in GROUP_CLASSES.items()},
             "partial": True}
@@ -177,9 +195,11 @@ def marginal_loss(logits, target, groups=None, smooth: float = 1e-5, dice_groups
     tg = torch.where(known, t, torch.zeros_like(t))
     p_true = merged.gather(1, tg[:, None])[:, 0].clamp(min=1e-7)
     ce = -(torch.log(p_true) * known).sum() / n_known
-    kn = known[:, None].float()
     dice_terms = []
     for g in dice_groups:
+        # voxels of another group sharing a class with g may or may not be g: left out of g's Dice
+        shares = torch.nonzero((groups @ groups[g] > 0) & (torch.arange(len(groups), device=groups.device) != g))
+        kn = (known & ~torch.isin(t, shares.flatten().to(t.dtype)))[:, None].float()
         p = merged[:, g:g + 1] * kn
         y = (t == g)[:, None].float()
         inter = (p * y).sum()

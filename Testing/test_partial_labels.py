@@ -36,11 +36,12 @@ def _logits_for(cls_map: np.ndarray, strength: float = 8.0) -> torch.Tensor:
 def test_group_matrix_matches_the_documented_groups():
     m = P.group_matrix()
     v = P.class_value
-    assert m.shape == (4, C)
+    assert m.shape == (5, C)
     assert set(np.flatnonzero(m[P.MANDIBLE])) == {v(L.CONDYLE), v(L.RAMUS)}
     assert set(np.flatnonzero(m[P.RIND])) == {v(L.SKIN), v(L.AURICULA), v(L.EAC)}
     assert set(np.flatnonzero(m[P.INNER])) == {0, v(L.AURICULA), v(L.MASTOID), v(L.EAC)}
     assert set(np.flatnonzero(m[P.AIR])) == {0, v(L.EAC)}
+    assert set(np.flatnonzero(m[P.OPEN])) == {0, v(L.AURICULA), v(L.MASTOID), v(L.EAC), v(L.CONDYLE), v(L.RAMUS)}
     # the mandible and the rind never include background: they are the Dice groups
     assert m[P.MANDIBLE, 0] == 0 and m[P.RIND, 0] == 0
     # Dice only where the group's classes are its own (auricula and canal are also INNER)
@@ -139,6 +140,38 @@ def test_outer_rind_depth_in_physical_mm():
     assert not P.outer_rind(full, (1, 1, 1)).any()
 
 
+def test_open_voxels_may_be_mandible_and_stay_out_of_its_dice():
+    """OPEN (deep body on a slice without a Mandible contour) accepts ramus and condyle as well as the
+    INNER classes, never skin; and a ramus prediction there does not cost the MANDIBLE Dice."""
+    shape = (6, 6, 6)
+    target = np.full(shape, P.MANDIBLE, np.uint8)
+    target[:3] = P.OPEN
+    tgt = torch.as_tensor(target)[None]
+    v = P.class_value
+
+    def loss(cls_open):
+        cm = np.full(shape, v(L.RAMUS), int)
+        cm[:3] = cls_open
+        with torch.no_grad():
+            return float(P.marginal_loss(_logits_for(cm), tgt))
+
+    for ok in (v(L.RAMUS), v(L.CONDYLE), 0, v(L.MASTOID)):
+        assert loss(ok) < 0.05, (ok, loss(ok))
+    assert loss(v(L.SKIN)) > 0.5
+    # the same ramus prediction on INNER voxels is wrong, in the CE and in the Dice
+    target[:3] = P.INNER
+    with torch.no_grad():
+        cm = np.full(shape, v(L.RAMUS), int)
+        assert float(P.marginal_loss(_logits_for(cm), torch.as_tensor(target)[None])) > 1.0
+
+
+def test_contoured_slices():
+    m = np.zeros((5, 4, 4), bool)
+    m[1, 2, 2] = m[3, 0, 1] = True
+    s = P.contoured_slices(m)
+    assert s[1].all() and s[3].all() and not s[[0, 2, 4]].any()
+
+
 @needs_openkbp
 def test_real_item_groups_follow_the_openkbp_labels():
     from ParotidOARLib import dataset
@@ -151,7 +184,7 @@ def test_real_item_groups_follow_the_openkbp_labels():
     lab, g2 = it["label"], Geometry.from_dict(it["meta"]["geometry"])
     assert it["meta"]["partial"] and not it["channel_mask"].any()
     assert lab.shape == it["ct"].shape == it["roi"].shape
-    assert set(np.unique(lab)) <= {P.AIR, P.INNER, P.RIND, P.MANDIBLE}
+    assert set(np.unique(lab)) <= {P.AIR, P.INNER, P.RIND, P.MANDIBLE, P.OPEN}
     # the mandible group is OpenKBP's mandible resampled onto the crop
     ct, g, masks, side = dataset.load_sample(s)
     mand = resample_mask(masks["Mandible"], g, g2)
@@ -159,6 +192,11 @@ def test_real_item_groups_follow_the_openkbp_labels():
     # air where the CT is air, rind next to it, inner body deeper
     assert np.median(it["ct"][lab == P.AIR]) < -900
     assert np.median(it["ct"][lab == P.INNER]) > -200
+    # OPEN: the deep body on the slices where the Mandible is not contoured (OpenKBP often stops
+    # below the condyle); INNER only on contoured slices
+    slices = resample_mask(P.contoured_slices(masks["Mandible"]), g, g2)
+    assert not (lab == P.OPEN)[slices].any() and not (lab == P.INNER)[~slices].any()
+    assert (lab == P.OPEN).any() == bool((~slices & (lab != P.AIR) & (lab != P.RIND)).any())
     assert (lab[it["roi"]] == P.RIND).sum() * g2.voxel_volume_cc > 1.0  # the ROI reaches the skin
     # a rind is only a few mm deep: every rind voxel is within 4 mm of air
     from scipy import ndimage

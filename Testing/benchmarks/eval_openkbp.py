@@ -38,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))
     ap.add_argument("--split", default="validation")
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--patients", nargs="+", help="only these patients (e.g. pt_219 pt_210)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--component-study", action="store_true",
                     help="run stage 1 keeping every component and compare post-processing rules "
@@ -59,6 +60,8 @@ def main(argv=None):
         print(f"OpenKBP data not found at {root}; nothing to do.")
         return 0
     samples, _ = dataset.discover(root, "openkbp", exclude=EXCLUDE)
+    if args.patients:
+        samples = [x for x in samples if x.patient in set(args.patients)]
     if args.limit:
         samples = samples[:args.limit]
     bundle = cascade.load_model_bundle(args.model)
@@ -107,7 +110,10 @@ def main(argv=None):
            "note": "Mean ± SD over patient sides. Inside the ROI (from stage 1's parotid: mandible_* and skin_*; "
                    "from the reference parotid: ref_*): ramus ∪ condyle against the real Mandible (which also "
                    "holds part of the mandibular body), and Skin against the body's outer 3 mm (the body from "
-                   "the CT at -400 HU, holes filled per slice; partial_labels.outer_rind)."}
+                   "the CT at -400 HU, holes filled per slice; partial_labels.outer_rind). mandible_contoured_slices_*: the "
+                   "same mandible measures on the axial slices where OpenKBP's Mandible is contoured at all "
+                   "(it is often contoured only up to some level); mandible_pred_outside_contoured_slices_cc: "
+                   "predicted ramus and condyle on the other slices."}
     if args.baseline:
         out["paired_vs_baseline"] = paired_vs_baseline(rows, args.baseline)
         for k, t in out["paired_vs_baseline"]["tests"].items():
@@ -124,7 +130,9 @@ def main(argv=None):
           f"surface DSC {_m('surface_dsc')} (n={len(rows)})")
     for pre, what in (("", "stage-1 ROI"), ("ref_", "reference ROI")):
         print(f"{what}: mandible DSC {_m(pre + 'mandible_dsc')} precision {_m(pre + 'mandible_precision')} recall "
-              f"{_m(pre + 'mandible_recall')}; skin vs 3 mm body rind DSC {_m(pre + 'skin_dsc')} "
+              f"{_m(pre + 'mandible_recall')} (on the Mandible's contoured slices: DSC "
+              f"{_m(pre + 'mandible_contoured_slices_dsc')} precision {_m(pre + 'mandible_contoured_slices_precision')}"
+              f" recall {_m(pre + 'mandible_contoured_slices_recall')}); skin vs 3 mm body rind DSC {_m(pre + 'skin_dsc')} "
               f"surface DSC (2 mm) {_m(pre + 'skin_surface_dsc')}")
     print(f"wrote {p}")
     return 0
@@ -132,7 +140,9 @@ def main(argv=None):
 
 SKIN_RIND_MM = 3.0
 STAGE2_KEYS = ("mandible_recall", "mandible_precision", "mandible_dsc", "skin_dsc", "skin_surface_dsc",
-               "skin_precision", "skin_recall")
+               "skin_precision", "skin_recall", "mandible_contoured_slices_dsc",
+               "mandible_contoured_slices_precision", "mandible_contoured_slices_recall",
+               "mandible_pred_outside_contoured_slices_cc")
 
 
 def stage2_measures(res, masks, rind, g, prefix: str) -> dict:
@@ -148,6 +158,15 @@ def stage2_measures(res, masks, rind, g, prefix: str) -> dict:
         out["mandible_recall"] = inter / mand.sum() if mand.any() else None
         out["mandible_precision"] = inter / pred.sum() if pred.any() else None
         out["mandible_dsc"] = 2 * inter / (mand.sum() + pred.sum()) if (mand.any() or pred.any()) else None
+        # OpenKBP's Mandible is often contoured only up to some level (an OAR contoured where dose
+        # matters): the same measures on the axial slices where the Mandible is contoured at all
+        contoured = masks["Mandible"].any(axis=(1, 2))
+        m_c, p_c = mand & contoured[:, None, None], pred & contoured[:, None, None]
+        i_c = float((m_c & p_c).sum())
+        out["mandible_pred_outside_contoured_slices_cc"] = float((pred & ~contoured[:, None, None]).sum()) * g.voxel_volume_cc
+        out["mandible_contoured_slices_precision"] = i_c / p_c.sum() if p_c.any() else None
+        out["mandible_contoured_slices_recall"] = i_c / m_c.sum() if m_c.any() else None
+        out["mandible_contoured_slices_dsc"] = 2 * i_c / (m_c.sum() + p_c.sum()) if (m_c.any() or p_c.any()) else None
     if rind is not None:
         ref = rind & res.roi
         pred = res.masks[L.SKIN] & res.roi
