@@ -160,8 +160,9 @@ def segment_image(image, side: str, model=None, *, device: str | None = None, ro
     ``model``: a :class:`Model` from :func:`load_model` (load it once for many images), a bundle name or
     folder, or None for the default bundle. ``parotid``: optionally a parotid contour to use instead of
     stage 1 (a ``SimpleITK.Image`` mask on the CT's grid, or a path as ``segment --parotid`` takes).
-    ``progress``: optional ``callable(percent, step)``. ``step``: the sliding-window step (default
-    ``cascade.DEFAULT_STEP``, 0.75; 0.5 is nnU-Net's overlap, the default before issue 18). ``backend``: ``"torch"`` (the reference) or ``"openvino"`` (optional package; without it torch is used
+    ``progress``: optional ``callable(percent, step)``. ``step``: the sliding-window step for both stages
+    (default None: ``cascade.DEFAULT_STEPS``, 0.5 for stage 1 and 0.75 for stage 2; 0.5 is the behaviour before
+    issue 18). ``backend``: ``"torch"`` (the reference) or ``"openvino"`` (optional package; without it torch is used
     and a one-line warning is printed).
 
     Returns a :class:`Segmentation`. Raises :class:`~ParotidOARLib.errors.ParotidOARError` subclasses
@@ -186,7 +187,7 @@ def segment_image(image, side: str, model=None, *, device: str | None = None, ro
             given, source = np.asarray(mask) != 0, "image"
     options = cascade.SegmentOptions(side=side, device=device or model.device, roi_margin_mm=roi_margin_mm,
                                      tta=tta, threads=threads, side_check=side_check, backend=backend,
-                                     step=cascade.DEFAULT_STEP if step is None else step)
+                                     step=step)
     result = cascade.run(array, geometry, options, progress=progress, bundle=model.bundle, name=name,
                          parotid=given, parotid_source=source)
     return Segmentation({n: result.masks[n] for n in labels.STRUCTURES if n in result.masks}, result.roi,

@@ -370,7 +370,7 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
               summary_path=None, threads: int | None = None, log=print, progress=None, step: float | None = None,
               backend: str = "torch") -> list[dict]:
     """Segment every case, one after another; returns the summary rows (also written to ``summary_path``).
-    ``step`` (default :data:`cascade.DEFAULT_STEP`) and ``backend``: as :class:`cascade.SegmentOptions`.
+    ``step`` (None: :data:`cascade.DEFAULT_STEPS`) and ``backend``: as :class:`cascade.SegmentOptions`.
 
     ``progress`` is a :class:`progress.Progress` (a bar with the time left on a terminal, or
     ``PROGRESS`` lines), advanced once per case."""
@@ -392,7 +392,7 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
         options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
                                          roi_margin_mm=roi_margin_mm, tta=tta, force=force,
                                          series_uid=case.series_uid, threads=threads,
-                                         step=cascade.DEFAULT_STEP if step is None else step, backend=backend)
+                                         step=step, backend=backend)
         return cascade.segment(case.input, seg_path, options, report_path=report_path, warn=first, bundle=bundle)
 
     try:

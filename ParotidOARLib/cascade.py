@@ -55,9 +55,10 @@ TRAINED_MAX_SLICE_MM = 3.0
 SIDE_CHECK_RATIO = 0.5
 SIDE_CHECK_MIN_CC = 5.0
 SIDE_CHECK_WINDOWS = ("mirror", "side")
-#: sliding-window step (fraction of the patch): 0.75 keeps at least 25 % overlap between windows and runs about
-#: half the windows of nnU-Net's 0.5 (the default before issue 18; Testing/benchmarks/speed_check.py compares them)
-DEFAULT_STEP = 0.75
+#: sliding-window step per stage (fraction of the patch) when SegmentOptions.step is None. Stage 2 at 0.75 (at
+#: least 25 % overlap) runs about a third of the windows of nnU-Net's 0.5 (before issue 18); stage 1 keeps 0.5:
+#: at 0.75 the OpenKBP parotid DSC fell by 0.04-0.05 on both sides of pt_201 (speed_check.py --limit 2)
+DEFAULT_STEPS = {"stage1": 0.5, "stage2": 0.75}
 
 
 # --------------------------------------------------------------------------- recommended architecture
@@ -110,7 +111,7 @@ class SegmentOptions:
     max_component_gap_mm: float = MAX_COMPONENT_GAP_MM
     threads: int | None = None  # CPU threads; default = usable cores
     side_check: bool = True  # also run stage 1 (coarsely) on the other side and warn if --side looks wrong
-    step: float = DEFAULT_STEP  # sliding-window step (fraction of the patch); 0.5 before issue 18
+    step: float | None = None  # sliding-window step (fraction of the patch) for both stages; None: DEFAULT_STEPS
     #: where the wrong-side check looks: "mirror" (one window at the mirror image of the chosen parotid) or "side"
     #: (the whole other side, before issue 18); see :func:`_side_check`
     side_check_window: str = "mirror"
@@ -350,7 +351,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                                          output_dtype=np.float32)
         x2 = preprocess.normalise(ct2, norm2)
         del ct2
-        probs2 = sliding_window(net2, x2, patch2, len(man.labels("stage2")), device, step=options.step,
+        probs2 = sliding_window(net2, x2, patch2, len(man.labels("stage2")), device,
+                                step=stage_step(options, "stage2"),
                                 tta=options.tta, pad_value=_normalised_air(norm2),
                                 progress=progress_mod.scaled(progress, "stage2"),
                                 mirror_axes=man.stage("stage2").get("mirror_axes"))
@@ -378,7 +380,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                   "clinical_use": bool(man.clinical_use), "directory": str(bundle.directory),
                   "sha256": bundle.sha256},
         "device": str(device), "threads": threads, "tta": bool(options.tta), "backend": backend,
-        "step": float(options.step),
+        "step": {st: stage_step(options, st) for st in ("stage1", "stage2")},
         "side_check_window": options.side_check_window if side_check is not None else None,
         "parotid_source": "stage 1" if given is None else f"given ({given})",
         "warnings": warnings, "side_check": side_check,
@@ -403,7 +405,7 @@ def check_options(options: SegmentOptions) -> tuple[str, float]:
     margin = float(options.roi_margin_mm)
     if not np.isfinite(margin) or margin <= 0:
         raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
-    if not (0.0 < float(options.step) <= 1.0):
+    if options.step is not None and not (0.0 < float(options.step) <= 1.0):
         raise InputError(f"--step must be in (0, 1], got {options.step}.")
     if options.side_check_window not in SIDE_CHECK_WINDOWS:
         raise InputError(f"--side-check-window must be {' or '.join(SIDE_CHECK_WINDOWS)}, got "
@@ -419,7 +421,8 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
     from .inference import sliding_window
 
     with timer("stage1"):
-        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device, step=options.step,
+        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device,
+                                step=stage_step(options, "stage1"),
                                 tta=options.tta, pad_value=_normalised_air(norm1),
                                 progress=progress_mod.scaled(progress, "stage1"),
                                 mirror_axes=man.stage("stage1").get("mirror_axes"))
@@ -516,6 +519,11 @@ def _side_check(net1, array, geometry, man, options, device, norm1, midline, mid
                           f"the {other} side looks resected ({other_cc:.1f} cc). Is the operated side {other}? Check "
                           "--side (left = patient left).")
     return out
+
+
+def stage_step(options, stage: str) -> float:
+    """The sliding-window step of ``stage``: ``options.step`` if given, else :data:`DEFAULT_STEPS`."""
+    return DEFAULT_STEPS[stage] if options.step is None else float(options.step)
 
 
 def _network(bundle, stage: str, device, backend: str, threads):

@@ -103,7 +103,7 @@ def run_case(case: batch.BatchCase, out_dir: str, settings: dict, first: bool) -
         options = cascade.SegmentOptions(side=case.side, model_dir=settings["model_dir"], device=settings["device"],
                                          roi_margin_mm=settings["roi_margin_mm"], tta=settings["tta"],
                                          force=settings["force"], series_uid=case.series_uid, threads=threads,
-                                         step=settings.get("step") or cascade.DEFAULT_STEP,
+                                         step=settings.get("step"),
                                          backend=settings.get("backend", "torch"))
         return cascade.segment(case.input, seg_path, options, report_path=report_path, warn=first, bundle=bundle)
 

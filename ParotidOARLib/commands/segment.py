@@ -50,12 +50,10 @@ def add_arguments(p):
 
 def add_speed_arguments(p):
     """``--step`` and ``--backend`` (``segment`` and ``batch``)."""
-    from ..cascade import DEFAULT_STEP
-
-    p.add_argument("--step", type=float, default=DEFAULT_STEP,
-                   help=f"sliding-window step as a fraction of the patch (default {DEFAULT_STEP:g}: at least 25%% "
-                        "overlap; 0.5 = nnU-Net's 50%% overlap, about twice the windows, the default before issue "
-                        "18; 1.0 = fewest windows)")
+    p.add_argument("--step", type=float, default=None,
+                   help="sliding-window step as a fraction of the patch, for both stages (default: 0.5 for stage 1, "
+                        "nnU-Net's 50%% overlap, and 0.75 for stage 2, at least 25%% overlap and about a third of the "
+                        "windows; --step 0.5 is the behaviour before issue 18; 1.0 = fewest windows)")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="what runs the networks: torch (default, the reference) or openvino (CPU only, faster; "
                         "needs `pip install openvino`, else torch is used with a one-line warning)")

@@ -119,7 +119,7 @@ def stage2_reference_time(model_dir: Path, ct_path: Path, roi: np.ndarray, g: Ge
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    inference.sliding_window(net, x, man.patch_size("stage2"), 7, dev, step=cascade.DEFAULT_STEP)
+    inference.sliding_window(net, x, man.patch_size("stage2"), 7, dev, step=cascade.DEFAULT_STEPS["stage2"])
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return {"stage2_reference_roi_s": round(time.perf_counter() - t, 3), "reference_roi_crop_size": list(g2.size),

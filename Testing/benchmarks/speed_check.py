@@ -4,8 +4,8 @@ Every case is segmented with each configuration in the same process and the same
 
 * ``old``: ``step=0.5`` (nnU-Net's 50 % window overlap) and ``side_check_window="side"`` (the wrong-side
   check over the whole other side): the behaviour before issue 18;
-* ``new``: the current defaults of :class:`cascade.SegmentOptions` (``step`` = ``cascade.DEFAULT_STEP``,
-  0.75; the wrong-side check in one window at the mirror image of the parotid);
+* ``new``: the current defaults of :class:`cascade.SegmentOptions` (steps ``cascade.DEFAULT_STEPS``: 0.5 for
+  stage 1, 0.75 for stage 2; the wrong-side check in one window at the mirror image of the parotid);
 * ``openvino``: the defaults with ``backend="openvino"`` (only when the package is installed).
 
 Cases and measures are those of the accuracy benchmarks, through their own functions:
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         sections["openkbp"] = check_openkbp(cascade, bundle, configs, args.limit, args.threads, args.data, log)
     defaults = cascade.SegmentOptions(side="left")
     out = {"model": bundle.manifest.model_id, "configs": {c: CONFIGS[c] for c in configs},
-           "defaults": {"step": defaults.step, "side_check_window": defaults.side_check_window,
+           "defaults": {"steps": dict(cascade.DEFAULT_STEPS), "side_check_window": defaults.side_check_window,
                         "backend": defaults.backend},
            "tolerance": TOLERANCE, "limit": args.limit or None, "threads": args.threads or None,
            "verdict": verdict(sections, configs), "side_check": side_check_agreement(sections, configs),
