@@ -150,8 +150,9 @@ def _read(image, series_uid=None):
 
 
 def segment_image(image, side: str, model=None, *, device: str | None = None, roi_margin_mm: float = 17.0,
-                  tta: bool = False, threads: int | None = None, step: float = 0.5, side_check: bool = True,
-                  parotid=None, series_uid: str | None = None, progress=None) -> Segmentation:
+                  tta: bool = False, threads: int | None = None, step: float | None = None,
+                  side_check: bool = True, parotid=None, series_uid: str | None = None, progress=None,
+                  backend: str = "torch") -> Segmentation:
     """Segment one CT with the two-stage cascade.
 
     ``image``: a ``SimpleITK.Image`` (HU) or a path (NRRD / NIfTI / MHA file or a DICOM series folder).
@@ -159,7 +160,10 @@ def segment_image(image, side: str, model=None, *, device: str | None = None, ro
     ``model``: a :class:`Model` from :func:`load_model` (load it once for many images), a bundle name or
     folder, or None for the default bundle. ``parotid``: optionally a parotid contour to use instead of
     stage 1 (a ``SimpleITK.Image`` mask on the CT's grid, or a path as ``segment --parotid`` takes).
-    ``progress``: optional ``callable(percent, step)``.
+    ``progress``: optional ``callable(percent, step)``. ``step``: the sliding-window step for both stages
+    (default None: ``cascade.DEFAULT_STEPS``, 0.5 for stage 1 and 0.75 for stage 2; 0.5 is the behaviour before
+    issue 18). ``backend``: ``"torch"`` (the reference) or ``"openvino"`` (optional package; without it torch is used
+    and a one-line warning is printed).
 
     Returns a :class:`Segmentation`. Raises :class:`~ParotidOARLib.errors.ParotidOARError` subclasses
     (one-line messages) for bad input or a bad model. Research use only - not for clinical use.
@@ -182,7 +186,8 @@ def segment_image(image, side: str, model=None, *, device: str | None = None, ro
                                  "which is resampled for you).")
             given, source = np.asarray(mask) != 0, "image"
     options = cascade.SegmentOptions(side=side, device=device or model.device, roi_margin_mm=roi_margin_mm,
-                                     tta=tta, threads=threads, step=step, side_check=side_check)
+                                     tta=tta, threads=threads, side_check=side_check, backend=backend,
+                                     step=step)
     result = cascade.run(array, geometry, options, progress=progress, bundle=model.bundle, name=name,
                          parotid=given, parotid_source=source)
     return Segmentation({n: result.masks[n] for n in labels.STRUCTURES if n in result.masks}, result.roi,

@@ -367,8 +367,10 @@ def make_logger(log=print, bar=None):
 
 def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = "auto",
               roi_margin_mm: float = labels.ROI_MARGIN_MM_DEFAULT, tta: bool = False, force: bool = False,
-              summary_path=None, threads: int | None = None, log=print, progress=None) -> list[dict]:
+              summary_path=None, threads: int | None = None, log=print, progress=None, step: float | None = None,
+              backend: str = "torch") -> list[dict]:
     """Segment every case, one after another; returns the summary rows (also written to ``summary_path``).
+    ``step`` (None: :data:`cascade.DEFAULT_STEPS`) and ``backend``: as :class:`cascade.SegmentOptions`.
 
     ``progress`` is a :class:`progress.Progress` (a bar with the time left on a terminal, or
     ``PROGRESS`` lines), advanced once per case."""
@@ -389,7 +391,8 @@ def run_batch(cases: list[BatchCase], out_dir, *, model_dir=None, device: str = 
                         bundle.directory)
         options = cascade.SegmentOptions(side=case.side, model_dir=model_dir, device=device,
                                          roi_margin_mm=roi_margin_mm, tta=tta, force=force,
-                                         series_uid=case.series_uid, threads=threads)
+                                         series_uid=case.series_uid, threads=threads,
+                                         step=step, backend=backend)
         return cascade.segment(case.input, seg_path, options, report_path=report_path, warn=first, bundle=bundle)
 
     try:

@@ -311,6 +311,8 @@ class Bundle:
         self.directory = Path(directory)
         self.manifest = manifest
         self._models = {}
+        #: networks of other inference backends (cascade._network), made once per bundle
+        self.backend_models = {}
 
     @property
     def sha256(self) -> dict:

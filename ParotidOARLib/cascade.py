@@ -54,6 +54,11 @@ TRAINED_MAX_SLICE_MM = 3.0
 #: least SIDE_CHECK_MIN_CC) looks resected while the chosen one looks intact
 SIDE_CHECK_RATIO = 0.5
 SIDE_CHECK_MIN_CC = 5.0
+SIDE_CHECK_WINDOWS = ("mirror", "side")
+#: sliding-window step per stage (fraction of the patch) when SegmentOptions.step is None. Stage 2 at 0.75 (at
+#: least 25 % overlap) runs about a third of the windows of nnU-Net's 0.5 (before issue 18); stage 1 keeps 0.5:
+#: at 0.75 the OpenKBP parotid DSC fell by 0.04-0.05 on both sides of pt_201 (speed_check.py --limit 2)
+DEFAULT_STEPS = {"stage1": 0.5, "stage2": 0.75}
 
 
 # --------------------------------------------------------------------------- recommended architecture
@@ -106,7 +111,11 @@ class SegmentOptions:
     max_component_gap_mm: float = MAX_COMPONENT_GAP_MM
     threads: int | None = None  # CPU threads; default = usable cores
     side_check: bool = True  # also run stage 1 (coarsely) on the other side and warn if --side looks wrong
-    step: float = 0.5  # sliding-window step (fraction of the patch)
+    step: float | None = None  # sliding-window step (fraction of the patch) for both stages; None: DEFAULT_STEPS
+    #: where the wrong-side check looks: "mirror" (one window at the mirror image of the chosen parotid) or "side"
+    #: (the whole other side, before issue 18); see :func:`_side_check`
+    side_check_window: str = "mirror"
+    backend: str = "torch"  # "torch" (the reference) or "openvino" (optional package; falls back to torch)
     parotid_path: str | os.PathLike | None = None  # a parotid contour to use instead of stage 1
 
 
@@ -236,7 +245,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     ``parotid_source`` names it in the report (``"parotid_source": "given (<source>)"``)."""
     import torch
 
-    from .inference import configure_cpu_threads, optimise_for_cpu, select_device, sliding_window
+    from . import backends
+    from .inference import configure_cpu_threads, select_device, sliding_window
 
     timer = _Timer()
     t_total = time.perf_counter()
@@ -253,10 +263,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         # stage 1 alone (parotid_only) needs no stage-2 network: whole-volume validation during
         # stage-1 training runs this path with a stage-1-only bundle
         needed = ("stage1",) if parotid_only else ("stage1", "stage2")
-        nets = {st: bundle.model(st, device) for st in needed}
-        if device.type == "cpu":
-            for net in nets.values():
-                optimise_for_cpu(net)
+        backend = backends.resolve(options.backend, device.type)
+        nets = {st: _network(bundle, st, device, backend, threads) for st in needed}
         net1, net2 = nets["stage1"], nets.get("stage2")
     for st in needed:
         div = man.architecture(st).divisor
@@ -309,12 +317,12 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     if parotid is not None:
         parotid = _given_parotid(parotid, geometry, side, midline, name)
     else:
-        parotid, chosen_cc = _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline,
-                                             name, progress, timer)
+        parotid, chosen_cc, parotid_box = _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side,
+                                                          midline, name, progress, timer)
         if options.side_check:
             with timer("side_check"):
                 side_check = _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info,
-                                         side, chosen_cc)
+                                         side, chosen_cc, parotid_box)
             if side_check.get("warning"):
                 warnings.append(f"{name}: {side_check['warning']}")
     del x1
@@ -343,7 +351,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                                          output_dtype=np.float32)
         x2 = preprocess.normalise(ct2, norm2)
         del ct2
-        probs2 = sliding_window(net2, x2, patch2, len(man.labels("stage2")), device, step=options.step,
+        probs2 = sliding_window(net2, x2, patch2, len(man.labels("stage2")), device,
+                                step=stage_step(options, "stage2"),
                                 tta=options.tta, pad_value=_normalised_air(norm2),
                                 progress=progress_mod.scaled(progress, "stage2"),
                                 mirror_axes=man.stage("stage2").get("mirror_axes"))
@@ -370,7 +379,9 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         "model": {"id": man.model_id, "name": man.name, "version": man.version,
                   "clinical_use": bool(man.clinical_use), "directory": str(bundle.directory),
                   "sha256": bundle.sha256},
-        "device": str(device), "threads": threads, "tta": bool(options.tta),
+        "device": str(device), "threads": threads, "tta": bool(options.tta), "backend": backend,
+        "step": {st: stage_step(options, st) for st in ("stage1", "stage2")},
+        "side_check_window": options.side_check_window if side_check is not None else None,
         "parotid_source": "stage 1" if given is None else f"given ({given})",
         "warnings": warnings, "side_check": side_check,
         "side": side, "midline_x_mm": round(midline, 3), "midline": midline_info,
@@ -387,24 +398,31 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
 def check_options(options: SegmentOptions) -> tuple[str, float]:
     """Validate the options a user can get wrong (before any work); returns (side, margin in mm)."""
+    from .backends import check_backend
     from .inference import check_threads
 
     side = preprocess.check_side(options.side)
     margin = float(options.roi_margin_mm)
     if not np.isfinite(margin) or margin <= 0:
         raise InputError(f"--roi-margin-mm must be a positive number of mm, got {options.roi_margin_mm}.")
-    if not (0.0 < float(options.step) <= 1.0):
+    if options.step is not None and not (0.0 < float(options.step) <= 1.0):
         raise InputError(f"--step must be in (0, 1], got {options.step}.")
+    if options.side_check_window not in SIDE_CHECK_WINDOWS:
+        raise InputError(f"--side-check-window must be {' or '.join(SIDE_CHECK_WINDOWS)}, got "
+                         f"{options.side_check_window!r}.")
     check_threads(options.threads)
+    check_backend(options.backend)
     return side, margin
 
 
 def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer):
-    """Stage 1 on the side crop → the parotid on the input grid (post-processed, operated side only)."""
+    """Stage 1 on the side crop → the parotid on the input grid (post-processed, operated side only), its
+    stage-1 volume (cc) and its LPS box (lo, hi) on the stage-1 grid."""
     from .inference import sliding_window
 
     with timer("stage1"):
-        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device, step=options.step,
+        probs1 = sliding_window(net1, x1, inference_patch(man, "stage1"), 2, device,
+                                step=stage_step(options, "stage1"),
                                 tta=options.tta, pad_value=_normalised_air(norm1),
                                 progress=progress_mod.scaled(progress, "stage1"),
                                 mirror_axes=man.stage("stage1").get("mirror_axes"))
@@ -435,7 +453,7 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
         parotid[tuple(slice(a, b) for a, b in zip(tlo, thi))] = par_sub
         if not parotid.any():
             raise EmptyStructureError(empty_msg)
-    return parotid, par1_cc
+    return parotid, par1_cc, (plo, phi)
 
 
 def _side_box(geometry: Geometry, midline: float, midline_info: dict, side: str | None):
@@ -451,11 +469,18 @@ def _side_box(geometry: Geometry, midline: float, midline_info: dict, side: str 
     return lo, hi
 
 
-def _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info, side, chosen_cc) -> dict:
-    """Stage 1 on the *other* side too (one pass, windows without overlap: a volume estimate), to catch a
-    wrong ``--side``: after a parotidectomy the operated side's gland is gone or small, so a chosen side whose
-    gland looks intact while the other looks resected is probably the wrong one. Returns the two stage-1
-    volumes and, in that case, a ``warning``."""
+def _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info, side, chosen_cc,
+                parotid_box=None) -> dict:
+    """Stage 1 on the *other* side too, as a volume estimate, to catch a wrong ``--side``: after a
+    parotidectomy the operated side's gland is gone or small, so a chosen side whose gland looks intact while
+    the other looks resected is probably the wrong one. Returns the two stage-1 volumes and, in that case, a
+    ``warning``.
+
+    Where it looks (``options.side_check_window``, ``method`` in the result): ``"mirror"`` (the default), one
+    window of the stage-1 patch (96 x 192 x 160 mm for the shipped model), centred on the mirror image, across
+    the body midline, of the chosen parotid's box and kept on the other side (the glands sit about
+    symmetrically, and the window is about twice a gland's size in every direction); ``"side"``, the whole
+    other side in non-overlapping patch windows (the behaviour before issue 18, several times slower)."""
     from .inference import sliding_window
 
     other = "right" if side == "left" else "left"
@@ -467,12 +492,22 @@ def _side_check(net1, array, geometry, man, options, device, norm1, midline, mid
     if hi[0] - lo[0] < MIN_SIDE_WIDTH_MM:
         out["skipped"] = f"the patient's {other} side is not in the image"
         return out
-    g = preprocess.axis_aligned_grid(man.spacing("stage1"), lo, hi)
+    patch = inference_patch(man, "stage1")
+    sp1 = np.asarray(man.spacing("stage1"), float)
+    if options.side_check_window == "mirror" and parotid_box is not None:
+        out["method"] = "mirror window"
+        centre = 0.5 * (np.asarray(parotid_box[0], float) + np.asarray(parotid_box[1], float))
+        centre[0] = 2.0 * midline - centre[0]
+        half = np.asarray(patch[::-1], float) * sp1 / 2.0
+        lo, hi = np.maximum(lo, centre - half), np.minimum(hi, centre + half)
+    else:
+        out["method"] = "whole side"
+    g = preprocess.axis_aligned_grid(tuple(sp1), lo, hi)
     ct = preprocess.resample_region(array, geometry, g, "linear", default_value=preprocess.AIR_HU,
                                     output_dtype=np.float32)
     x = preprocess.normalise(ct, norm1)
     del ct
-    fg = sliding_window(net1, x, inference_patch(man, "stage1"), 2, device, step=1.0, tta=False,
+    fg = sliding_window(net1, x, patch, 2, device, step=1.0, tta=False,
                         pad_value=_normalised_air(norm1))[1] >= 0.5
     other_cc = 0.0
     if fg.any():
@@ -484,6 +519,30 @@ def _side_check(net1, array, geometry, man, options, device, norm1, midline, mid
                           f"the {other} side looks resected ({other_cc:.1f} cc). Is the operated side {other}? Check "
                           "--side (left = patient left).")
     return out
+
+
+def stage_step(options, stage: str) -> float:
+    """The sliding-window step of ``stage``: ``options.step`` if given, else :data:`DEFAULT_STEPS`."""
+    return DEFAULT_STEPS[stage] if options.step is None else float(options.step)
+
+
+def _network(bundle, stage: str, device, backend: str, threads):
+    """The stage's network for ``backend``: the bundle's torch module (oneDNN forced on the CPU) or an
+    OpenVINO model, each made once per bundle (a batch or an API model reuses it)."""
+    if backend == "openvino":
+        from .backends import openvino_model
+
+        key = ("openvino", stage, threads)
+        if key not in bundle.backend_models:
+            bundle.backend_models[key] = openvino_model(bundle, stage, inference_patch(bundle.manifest, stage),
+                                                        threads)
+        return bundle.backend_models[key]
+    net = bundle.model(stage, device)
+    if device.type == "cpu":
+        from .inference import optimise_for_cpu
+
+        optimise_for_cpu(net)
+    return net
 
 
 def _given_parotid(parotid, geometry: Geometry, side: str, midline: float, name: str) -> np.ndarray:

@@ -102,7 +102,9 @@ def run_case(case: batch.BatchCase, out_dir: str, settings: dict, first: bool) -
             load_s.append(seconds)
         options = cascade.SegmentOptions(side=case.side, model_dir=settings["model_dir"], device=settings["device"],
                                          roi_margin_mm=settings["roi_margin_mm"], tta=settings["tta"],
-                                         force=settings["force"], series_uid=case.series_uid, threads=threads)
+                                         force=settings["force"], series_uid=case.series_uid, threads=threads,
+                                         step=settings.get("step"),
+                                         backend=settings.get("backend", "torch"))
         return cascade.segment(case.input, seg_path, options, report_path=report_path, warn=first, bundle=bundle)
 
     row, outcome = batch.process_case(case, out_dir, _segment, force=settings["force"], first=first,
@@ -114,7 +116,8 @@ def run_case(case: batch.BatchCase, out_dir: str, settings: dict, first: bool) -
 def run_cohort(cases: list[batch.BatchCase], out_dir, *, workers: int | None = None, scheduler: str | None = None,
                threads: int | None = None, model_dir=None, device: str = "auto",
                roi_margin_mm: float = labels.ROI_MARGIN_MM_DEFAULT, tta: bool = False, force: bool = False,
-               summary_path=None, log=print, progress=None) -> list[dict]:
+               summary_path=None, log=print, progress=None, step: float | None = None,
+               backend: str = "torch") -> list[dict]:
     """Segment every case on Dask (``workers`` local processes, or the cluster at ``scheduler``); returns the
     summary rows in case order (also written to ``summary_path``), as :func:`batch.run_batch` does."""
     from . import bundle as bundle_mod
@@ -150,7 +153,7 @@ def run_cohort(cases: list[batch.BatchCase], out_dir, *, workers: int | None = N
         host_slots = {}
         where = f"a local Dask cluster of {workers} worker processes"
     settings = {"model_dir": model_dir, "device": device, "roi_margin_mm": roi_margin_mm, "tta": tta,
-                "force": force, "threads": threads, "host_slots": host_slots}
+                "force": force, "threads": threads, "host_slots": host_slots, "step": step, "backend": backend}
     _log(f"batch: {total} cases on {where}; torch threads per case: "
          f"{threads if threads else 'the host cores / its Dask threads'}")
     rows: list[dict | None] = [None] * total

@@ -10,6 +10,8 @@
   training. ``torch.inference_mode``; on CUDA autocast to float16 (bfloat16 where
   supported and requested); optional mirroring test-time augmentation over all
   axis combinations (8 passes).
+* The network is any callable ``net(x) -> logits``: the torch module, or an OpenVINO model
+  (:mod:`backends`).
 """
 
 from __future__ import annotations

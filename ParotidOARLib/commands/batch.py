@@ -48,6 +48,9 @@ def add_arguments(p):
                    help="torch CPU threads per case (default: all usable cores; with --workers N, cores / N)")
     p.add_argument("--progress-lines", action="store_true",
                    help="print machine-readable 'PROGRESS <0-100> <case>' lines on stdout, one per finished case")
+    from .segment import add_speed_arguments
+
+    add_speed_arguments(p)
     dask = p.add_argument_group("cohort batches on Dask (pip install \"parotidoar[dask]\")")
     where = dask.add_mutually_exclusive_group()
     where.add_argument("--workers", type=_positive_int, default=None, metavar="N",
@@ -72,7 +75,8 @@ def run(args) -> int:
         import_distributed()  # a missing Dask: one clear line before anything is read
     cases = discover_cases(args.input, side=args.side, side_from_json=args.side_from_json)
     options = dict(model_dir=args.model, device=args.device, roi_margin_mm=args.roi_margin_mm, tta=args.tta,
-                   force=args.force, summary_path=args.summary, threads=args.threads)
+                   force=args.force, summary_path=args.summary, threads=args.threads, step=args.step,
+                   backend=args.backend)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     progress = Progress(lines=args.progress_lines, bar=False if getattr(args, "quiet_progress", False) else None)
     try:

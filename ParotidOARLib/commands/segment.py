@@ -42,8 +42,21 @@ def add_arguments(p):
     p.add_argument("--rtstruct", default=None, help="also write a DICOM RT Structure Set (DICOM input only)")
     p.add_argument("--dicom-seg", default=None, help="also write a DICOM SEG object (DICOM input only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all usable cores)")
-    p.add_argument("--step", type=float, default=0.5,
-                   help="sliding-window step as a fraction of the patch (0.5 = nnU-Net's 50%% overlap; 1.0 = faster)")
+    add_speed_arguments(p)
+    p.add_argument("--side-check-window", default="mirror", choices=["mirror", "side"],
+                   help="where the wrong-side check runs stage 1: mirror = one window at the mirror image of the "
+                        "chosen parotid (default), side = the whole other side (before issue 18; about 1 s slower)")
+
+
+def add_speed_arguments(p):
+    """``--step`` and ``--backend`` (``segment`` and ``batch``)."""
+    p.add_argument("--step", type=float, default=None,
+                   help="sliding-window step as a fraction of the patch, for both stages (default: 0.5 for stage 1, "
+                        "nnU-Net's 50%% overlap, and 0.75 for stage 2, at least 25%% overlap and about a third of the "
+                        "windows; --step 0.5 is the behaviour before issue 18; 1.0 = fewest windows)")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="what runs the networks: torch (default, the reference) or openvino (CPU only, faster; "
+                        "needs `pip install openvino`, else torch is used with a one-line warning)")
 
 
 def _raise_interrupt(signum, frame):
@@ -60,7 +73,8 @@ def run(args) -> int:
         opts = SegmentOptions(side=args.side, model_dir=args.model, device=args.device,
                               roi_margin_mm=args.roi_margin_mm, tta=args.tta, force=args.force,
                               series_uid=args.series_uid, threads=args.threads, step=args.step,
-                              parotid_path=args.parotid, side_check=args.side_check)
+                              parotid_path=args.parotid, side_check=args.side_check,
+                              side_check_window=args.side_check_window, backend=args.backend)
         report = segment(args.input, args.out, opts, progress=prog, report_path=args.report,
                          rtstruct_path=args.rtstruct, dicom_seg_path=args.dicom_seg)
     finally:

@@ -1,6 +1,7 @@
 """Benchmark: `segment` end to end on a full-size 512×512×150 phantom CT (CPU, and CUDA when present).
 
-    .venv/bin/python Testing/benchmarks/bench_segment.py [--threads 2] [--model DIR] [--repeat 2]
+    .venv/bin/python Testing/benchmarks/bench_segment.py [--threads 2] [--model DIR] [--repeat 3]
+    .venv/bin/python Testing/benchmarks/bench_segment.py --segment-args="--backend openvino" --tag openvino
 
 * Input: ``phantom.generate_case(seed, 'left', spacing=(0.98, 0.98, 2.0), size='full')`` gives
   512×512×100 (200 mm); it is extended to 150 slices (300 mm) by repeating its bottom
@@ -13,7 +14,10 @@
   the size of the phantom's *reference* ROI box (+ context, at the stage-2 spacing):
   ``stage2_reference_roi_s``.
 * Each run is a fresh ``python -m ParotidOARLib segment`` process (honest peak RSS and
-  model loading); the figures are the report's ``timings`` and ``peak_memory``.
+  model loading); the figures are the report's ``timings`` and ``peak_memory``, and the
+  process's wall time. ``median`` is the run with the median total of ``--repeat`` runs (3;
+  issue 18's acceptance figure), ``best`` the fastest. ``--segment-args`` adds options to
+  ``segment`` (e.g. ``--step 0.5 --side-check-window side``: the settings before issue 18).
 
 Writes ``Testing/benchmarks/results/segment_cpu.json`` (and ``segment_cuda.json``).
 """
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -114,14 +119,14 @@ def stage2_reference_time(model_dir: Path, ct_path: Path, roi: np.ndarray, g: Ge
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    inference.sliding_window(net, x, man.patch_size("stage2"), 7, dev)
+    inference.sliding_window(net, x, man.patch_size("stage2"), 7, dev, step=cascade.DEFAULT_STEPS["stage2"])
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return {"stage2_reference_roi_s": round(time.perf_counter() - t, 3), "reference_roi_crop_size": list(g2.size),
             "reference_roi_cc": round(float(roi.sum()) * g.voxel_volume_cc, 1)}
 
 
-def run_once(ct: Path, out_dir: Path, model_dir: Path, device: str, threads: int) -> dict:
+def run_once(ct: Path, out_dir: Path, model_dir: Path, device: str, threads: int, extra=()) -> dict:
     out = out_dir / "out.seg.nrrd"
     rep = out_dir / "report.json"
     for p in (out, rep):
@@ -129,7 +134,7 @@ def run_once(ct: Path, out_dir: Path, model_dir: Path, device: str, threads: int
             p.unlink()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "ParotidOARLib", "segment", str(ct), "--side", "left", "--out", str(out),
-           "--model", str(model_dir), "--device", device, "--report", str(rep), "--threads", str(threads)]
+           "--model", str(model_dir), "--device", device, "--report", str(rep), "--threads", str(threads), *extra]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -138,14 +143,17 @@ def run_once(ct: Path, out_dir: Path, model_dir: Path, device: str, threads: int
     r = json.loads(rep.read_text())
     return {"process_wall_s": round(wall, 3), "timings": r["timings"], "peak_memory": r["peak_memory"],
             "roi_volume_cc": r["roi_volume_cc"], "volumes_cc": r["volumes_cc"], "crop_box_lps": r["crop_box_lps"],
-            "stage_grids": {k: r["grids"][k]["size"] for k in ("stage1", "stage2")}, "device": r["device"]}
+            "stage_grids": {k: r["grids"][k]["size"] for k in ("stage1", "stage2")}, "device": r["device"],
+            "backend": r.get("backend", "torch"), "step": r.get("step"), "side_check": r.get("side_check")}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2))
     ap.add_argument("--model", default=None)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--segment-args", default="", help="extra segment options, e.g. \"--backend openvino\"")
+    ap.add_argument("--tag", default="", help="suffix of the result file: segment_<device>[_<tag>].json")
     ap.add_argument("--stage1-checkpoint", default=None,
                     help="without a default bundle: take stage 1 from a training checkpoint (realistic ROI)")
     ap.add_argument("--out", default=str(HERE / "results"))
@@ -169,8 +177,10 @@ def main(argv=None) -> int:
         man = bundle.read_manifest(model_dir)
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for device in devices:
-            runs = [run_once(ct, tmp, model_dir, device, args.threads) for _ in range(args.repeat)]
+            extra = shlex.split(args.segment_args)
+            runs = [run_once(ct, tmp, model_dir, device, args.threads, extra) for _ in range(args.repeat)]
             best = min(runs, key=lambda r: r["timings"]["total"])
+            median = sorted(runs, key=lambda r: r["timings"]["total"])[(len(runs) - 1) // 2]
             result = {
                 "benchmark": "segment end to end (python -m ParotidOARLib segment, fresh process per run)",
                 "input": {"size": list(g.size), "spacing": list(g.spacing),
@@ -184,18 +194,20 @@ def main(argv=None) -> int:
                                            for s in ("stage1", "stage2")}},
                 "device": device, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                 "cpu_count_visible": os.cpu_count(), "load_average_before": os.getloadavg(),
-                "torch": torch.__version__, "runs": runs, "best": best,
+                "torch": torch.__version__, "segment_args": extra, "runs": runs, "median": median, "best": best,
+                "median_process_wall_s": float(np.median([r["process_wall_s"] for r in runs])),
             }
             result.update(stage2_reference_time(model_dir, ct, roi, g, device, args.threads))
             result["load_average_after"] = os.getloadavg()
-            path = Path(args.out) / f"segment_{device}.json"
+            path = Path(args.out) / (f"segment_{device}" + (f"_{args.tag}" if args.tag else "") + ".json")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2) + "\n")
-            t = best["timings"]
-            print(f"[{device}, {args.threads} threads, {model_kind}] total {t['total']:.2f} s "
+            t = median["timings"]
+            print(f"[{device}, {args.threads} threads, {model_kind}{', ' + ' '.join(extra) if extra else ''}] "
+                  f"median of {len(runs)}: total {t['total']:.2f} s, process {median['process_wall_s']:.2f} s "
                   f"(read {t['read']:.2f}, preprocess {t['preprocess']:.2f}, stage1 {t['stage1']:.2f}, "
                   f"side check {t.get('side_check', 0.0):.2f}, roi {t['roi']:.2f}, stage2 {t['stage2']:.2f}, resample {t['resample']:.2f}, "
-                  f"write {t['write']:.2f}); peak RSS {best['peak_memory']['rss_mb']:.0f} MB; "
+                  f"write {t['write']:.2f}); peak RSS {max(r['peak_memory']['rss_mb'] for r in runs):.0f} MB; "
                   f"ROI {best['roi_volume_cc']:.0f} cc; stage-2 on the reference ROI box "
                   f"{result['stage2_reference_roi_s']:.2f} s; load avg {result['load_average_before'][0]:.1f} "
                   f"→ {path}")

@@ -52,7 +52,7 @@ def main(argv=None):
                                         "HD95) against it, e.g. results/eval_openkbp_1.2.0.json")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_openkbp.json"))
     args = ap.parse_args(argv)
-    from ParotidOARLib import cascade, dataset, labels as L, metrics, partial_labels
+    from ParotidOARLib import cascade, dataset, metrics
     from ParotidOARLib.errors import EmptyStructureError
 
     root = Path(args.data) / args.split
@@ -75,7 +75,7 @@ def main(argv=None):
         opts = cascade.SegmentOptions(side=side, model_dir=args.model, tta=args.tta, threads=args.threads or None)
         rind = None
         if not args.parotid_only:  # the body from the CT at -400 HU (holes filled), its outer 3 mm
-            rind = partial_labels.outer_rind(partial_labels.body_from_ct(ct), g.spacing_zyx, SKIN_RIND_MM)
+            rind = skin_rind(ct, g)
         if args.roi_from != "reference" or args.parotid_only:
             t = time.perf_counter()
             try:
@@ -86,9 +86,7 @@ def main(argv=None):
                 print(f"{s.patient} {side}: no parotid found", flush=True)
                 continue
             row["seconds"] = time.perf_counter() - t
-            m = metrics.compare(res.masks[L.PAROTID], masks["Parotid"], g.spacing_zyx, tolerance_mm=2.85)
-            row.update({k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall",
-                                              "volume_pred_cc", "volume_ref_cc")})
+            row.update(parotid_measures(res, masks, g))
             if "stage1" in sources:
                 row.update(stage2_measures(res, masks, rind, g, ""))
         if "reference" in sources:
@@ -143,6 +141,22 @@ STAGE2_KEYS = ("mandible_recall", "mandible_precision", "mandible_dsc", "skin_ds
                "skin_precision", "skin_recall", "mandible_contoured_slices_dsc",
                "mandible_contoured_slices_precision", "mandible_contoured_slices_recall",
                "mandible_pred_outside_contoured_slices_cc")
+
+
+def parotid_measures(res, masks, g) -> dict:
+    """Stage 1's parotid against the hospital's, on the CT grid (surface DSC at 2.85 mm)."""
+    from ParotidOARLib import labels as L, metrics
+
+    m = metrics.compare(res.masks[L.PAROTID], masks["Parotid"], g.spacing_zyx, tolerance_mm=2.85)
+    return {k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall",
+                                  "volume_pred_cc", "volume_ref_cc")}
+
+
+def skin_rind(ct, g):
+    """The reference for the skin on OpenKBP: the body's outer 3 mm (body from the CT at -400 HU, holes filled)."""
+    from ParotidOARLib import partial_labels
+
+    return partial_labels.outer_rind(partial_labels.body_from_ct(ct), g.spacing_zyx, SKIN_RIND_MM)
 
 
 def stage2_measures(res, masks, rind, g, prefix: str) -> dict:

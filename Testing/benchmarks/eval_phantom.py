@@ -77,6 +77,17 @@ def load_case(seed, spacing, pose):
             "side": c.side, "tag": tag}
 
 
+def compare_case(pred: dict, c: dict, seed) -> list[dict]:
+    """One row per structure: ``pred`` (``{name: bool mask}``) against the case's reference labels."""
+    from ParotidOARLib import metrics
+
+    cmp = metrics.compare_segmentations(pred, c["labels"], c["geometry"], names=list(L.STRUCTURES))
+    return [{"case": f"seed{seed}", "seed": seed, "side": c["side"], "segment": name,
+             **{k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall",
+                                      "volume_pred_cc", "volume_ref_cc", "tolerance_mm")}}
+            for name, m in cmp["segments"].items()]
+
+
 def summarise(rows):
     from ParotidOARLib import metrics
 
@@ -101,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--generate-only", action="store_true", help="only fill the case cache")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_phantom.json"))
     args = ap.parse_args(argv)
-    from ParotidOARLib import cascade, metrics
+    from ParotidOARLib import cascade
     from ParotidOARLib.errors import EmptyStructureError
 
     sets = case_sets(args.cases, args.extra)
@@ -134,12 +145,9 @@ def main(argv=None):
                 failures.append({"seed": seed, "error": str(exc)})
                 pred = {n: np.zeros(c["ct"].shape, bool) for n in L.STRUCTURES}
             times.append(time.perf_counter() - t)
-            cmp = metrics.compare_segmentations(pred, c["labels"], c["geometry"], names=list(L.STRUCTURES))
-            for name, m in cmp["segments"].items():
-                rows.append({"case": f"seed{seed}", "seed": seed, "side": c["side"], "segment": name,
-                             **{k: m.get(k) for k in ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision",
-                                                      "recall", "volume_pred_cc", "volume_ref_cc", "tolerance_mm")}})
-            d = {n: round(cmp["segments"][n]["dsc"], 3) for n in L.STRUCTURES}
+            case_rows = compare_case(pred, c, seed)
+            rows += case_rows
+            d = {r["segment"]: round(r["dsc"], 3) for r in case_rows}
             print(f"[{set_name}] seed {seed} ({c['side']}) {times[-1]:.1f} s  DSC {d}", flush=True)
         summ = summarise(rows)
         result["sets"][set_name] = {"n_cases": len(cases), "failures": failures, "seconds_per_case_mean":
