@@ -108,6 +108,8 @@ def main(argv=None):
     ap.add_argument("--reference-parotid", action="store_true",
                     help="stage 2 alone: build the ROI from the reference parotid instead of stage 1 "
                          "(shows how much of the OAR error comes from stage 1)")
+    ap.add_argument("--step", type=float, default=None,
+                    help="sliding-window step for both stages (default: cascade.DEFAULT_STEPS; 0.5 = before issue 18)")
     ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
     ap.add_argument("--generate-only", action="store_true", help="only fill the case cache")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_phantom.json"))
@@ -128,6 +130,7 @@ def main(argv=None):
               "reference": "phantom labels clipped to the reference ROI (reference.seg.nrrd)",
               "held_out_seeds": "0..19 default spacing; 20.. extra sets; training seeds >= 100000",
               "parotid": "reference (stage 2 alone)" if args.reference_parotid else "stage 1", "tta": bool(args.tta),
+              "step": {st: cascade.stage_step(cascade.SegmentOptions(step=args.step), st) for st in ("stage1", "stage2")},
               "sets": {}}
     for set_name, cases in sets:
         rows, times, failures = [], [], []
@@ -135,7 +138,7 @@ def main(argv=None):
             c = load_case(seed, sp, pose)
             t = time.perf_counter()
             try:
-                opts = cascade.SegmentOptions(side=c["side"], model_dir=args.model, tta=args.tta,
+                opts = cascade.SegmentOptions(side=c["side"], model_dir=args.model, tta=args.tta, step=args.step,
                                               threads=args.threads or None)
                 res = cascade.run(c["ct"], c["geometry"], opts, bundle=bundle,
                                   parotid=c["labels_full"][L.PAROTID] if args.reference_parotid else None,
