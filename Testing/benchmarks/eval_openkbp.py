@@ -105,7 +105,7 @@ def main(argv=None):
                ("dsc", "jaccard", "hd95_mm", "surface_dsc", "precision", "recall", *s2, "seconds")}
     out = {"model": bundle.manifest.model_id, "data": f"OpenKBP {args.split} (minus {', '.join(EXCLUDE)})",
            "tta": bool(args.tta), "parotid_only": bool(args.parotid_only),
-           "step": {st: cascade.stage_step(cascade.SegmentOptions(step=args.step), st) for st in ("stage1", "stage2")},
+           "step": {st: cascade.stage_step(cascade.SegmentOptions(side="left", step=args.step), st) for st in ("stage1", "stage2")},
            "n_samples": len(rows), "n_patients": len({r['patient'] for r in rows}), "summary": summary,
            "rows": rows, "surface_dsc_tolerance_mm": 2.85,
            "roi_from": args.roi_from, "skin_rind_mm": SKIN_RIND_MM, "skin_surface_dsc_tolerance_mm": 2.0,

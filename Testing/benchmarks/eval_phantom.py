@@ -130,7 +130,7 @@ def main(argv=None):
               "reference": "phantom labels clipped to the reference ROI (reference.seg.nrrd)",
               "held_out_seeds": "0..19 default spacing; 20.. extra sets; training seeds >= 100000",
               "parotid": "reference (stage 2 alone)" if args.reference_parotid else "stage 1", "tta": bool(args.tta),
-              "step": {st: cascade.stage_step(cascade.SegmentOptions(step=args.step), st) for st in ("stage1", "stage2")},
+              "step": {st: cascade.stage_step(cascade.SegmentOptions(side="left", step=args.step), st) for st in ("stage1", "stage2")},
               "sets": {}}
     for set_name, cases in sets:
         rows, times, failures = [], [], []
