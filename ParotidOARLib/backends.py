@@ -30,6 +30,26 @@ DEFAULT_BACKEND = "torch"
 CACHE_ENV = "PAROTIDOAR_CACHE"
 
 
+def preload(*modules: str):
+    """Import ``modules`` (e.g. ``"torch"``, about 1 s) in a background thread, so that their import overlaps
+    what the main thread does meanwhile (reading the CT: SimpleITK's reader runs without the GIL). An
+    ``import`` of the same module elsewhere simply waits for it (the import system's per-module lock); an
+    error here is ignored, and that later import reports it. Returns the (non-daemon) thread."""
+    import importlib
+    import threading
+
+    def _load():
+        for m in modules:
+            try:
+                importlib.import_module(m)
+            except Exception:  # noqa: BLE001 - the main thread's own import reports it
+                return
+
+    t = threading.Thread(target=_load, name="parotidoar-preload")
+    t.start()
+    return t
+
+
 def check_backend(name) -> str:
     """``name`` as a known backend, else an :class:`InputError` naming the choices."""
     n = str(name or DEFAULT_BACKEND).strip().lower()
