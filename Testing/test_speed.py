@@ -184,3 +184,16 @@ def test_bad_backend_is_a_usage_error_and_an_input_error(tmp_path, capsys):
     with pytest.raises(InputError, match="Unknown backend 'onnx'"):
         cascade.check_options(cascade.SegmentOptions(side="left", backend="onnx"))
     assert backends.resolve("openvino", "cuda", warn=lambda m: None) == "torch"
+
+
+def test_preload_imports_in_the_background_and_never_raises():
+    sys.modules.pop("colorsys", None)
+    t = backends.preload("colorsys", "no_such_module_parotidoar", "json")
+    t.join(10)
+    assert not t.is_alive()
+    assert "colorsys" in sys.modules  # imported by the thread
+    import colorsys  # noqa: F401 - the main thread's import finds it
+
+    # a missing module stops the thread quietly; the main thread's own import reports it
+    with pytest.raises(ModuleNotFoundError):
+        import no_such_module_parotidoar  # noqa: F401
