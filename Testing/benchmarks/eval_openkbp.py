@@ -165,7 +165,7 @@ def skin_rind(ct, g):
 
 def stage2_measures(res, masks, rind, g, prefix: str) -> dict:
     """Inside the result's ROI: ramus ∪ condyle against the real mandible, skin against the body rind."""
-    from ParotidOARLib import labels as L, metrics
+    from ParotidOARLib import labels as L, metrics, partial_labels
 
     out = {}
     if "Mandible" in masks:
@@ -178,10 +178,10 @@ def stage2_measures(res, masks, rind, g, prefix: str) -> dict:
         out["mandible_dsc"] = 2 * inter / (mand.sum() + pred.sum()) if (mand.any() or pred.any()) else None
         # OpenKBP's Mandible is often contoured only up to some level (an OAR contoured where dose
         # matters): the same measures on the axial slices where the Mandible is contoured at all
-        contoured = masks["Mandible"].any(axis=(1, 2))
-        m_c, p_c = mand & contoured[:, None, None], pred & contoured[:, None, None]
+        contoured = partial_labels.contoured_slices(masks["Mandible"])  # the training groups' definition
+        m_c, p_c = mand & contoured, pred & contoured
         i_c = float((m_c & p_c).sum())
-        out["mandible_pred_outside_contoured_slices_cc"] = float((pred & ~contoured[:, None, None]).sum()) * g.voxel_volume_cc
+        out["mandible_pred_outside_contoured_slices_cc"] = float((pred & ~contoured).sum()) * g.voxel_volume_cc
         out["mandible_contoured_slices_precision"] = i_c / p_c.sum() if p_c.any() else None
         out["mandible_contoured_slices_recall"] = i_c / m_c.sum() if m_c.any() else None
         out["mandible_contoured_slices_dsc"] = 2 * i_c / (m_c.sum() + p_c.sum()) if (m_c.any() or p_c.any()) else None
