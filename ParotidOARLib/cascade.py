@@ -59,6 +59,10 @@ SIDE_CHECK_WINDOWS = ("mirror", "side")
 #: least 25 % overlap) runs about a third of the windows of nnU-Net's 0.5 (before issue 18); stage 1 keeps 0.5:
 #: at 0.75 the OpenKBP parotid DSC fell by 0.04-0.05 on both sides of pt_201 (speed_check.py --limit 2)
 DEFAULT_STEPS = {"stage1": 0.5, "stage2": 0.75}
+#: stage-1 probability above which a voxel joins the parotid itself. The ROI may be seeded from a lower one
+#: (the bundle's ``stage1.roi_threshold`` or ``SegmentOptions.roi_threshold``): the uncertain rim of the gland,
+#: where it touches the kept parotid, is then inside the ROI's 17 mm too (see :func:`_stage1_parotid`)
+PAROTID_THRESHOLD = 0.5
 
 
 # --------------------------------------------------------------------------- recommended architecture
@@ -117,6 +121,9 @@ class SegmentOptions:
     side_check_window: str = "mirror"
     backend: str = "torch"  # "torch" (the reference) or "openvino" (optional package; falls back to torch)
     parotid_path: str | os.PathLike | None = None  # a parotid contour to use instead of stage 1
+    #: stage-1 probability that seeds the ROI (<= 0.5); None: the bundle's ``stage1.roi_threshold`` (default 0.5,
+    #: the parotid itself). Never changes the parotid contour; unused with a given parotid
+    roi_threshold: float | None = None
 
 
 @dataclass
@@ -314,11 +321,13 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     # ---- stage 1 (or the given parotid)
     given = None if parotid is None else (parotid_source or "caller")
     side_check = None
+    roi_seed_info = None
     if parotid is not None:
         parotid = _given_parotid(parotid, geometry, side, midline, name)
+        roi_seed = parotid
     else:
-        parotid, chosen_cc, parotid_box = _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side,
-                                                          midline, name, progress, timer)
+        parotid, chosen_cc, parotid_box, roi_seed, roi_seed_info = _stage1_parotid(
+            net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer)
         if options.side_check:
             with timer("side_check"):
                 side_check = _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info,
@@ -334,7 +343,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
 
     # ---- ROI
     with timer("roi"):
-        roi = roi_mod.expand(parotid, geometry, margin)
+        roi = roi_mod.expand(roi_seed, geometry, margin)
         rlo, rhi = roi_mod.bounding_box(roi)
     if progress:
         progress(progress_mod.STEPS["roi"][1], "roi")
@@ -385,7 +394,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         "parotid_source": "stage 1" if given is None else f"given ({given})",
         "warnings": warnings, "side_check": side_check,
         "side": side, "midline_x_mm": round(midline, 3), "midline": midline_info,
-        "roi_margin_mm": margin, "roi_name": roi_name,
+        "roi_margin_mm": margin, "roi_name": roi_name, "roi_seed": roi_seed_info,
         "roi_volume_cc": round(float(np.count_nonzero(roi)) * vox_cc, 3),
         "volumes_cc": {n: round(float(np.count_nonzero(m)) * vox_cc, 3) for n, m in masks.items()},
         "crop_box_lps": crop_box,
@@ -410,14 +419,55 @@ def check_options(options: SegmentOptions) -> tuple[str, float]:
     if options.side_check_window not in SIDE_CHECK_WINDOWS:
         raise InputError(f"--side-check-window must be {' or '.join(SIDE_CHECK_WINDOWS)}, got "
                          f"{options.side_check_window!r}.")
+    if options.roi_threshold is not None and not (0.0 < float(options.roi_threshold) <= PAROTID_THRESHOLD):
+        raise InputError(f"--roi-threshold must be in (0, {PAROTID_THRESHOLD:g}], got {options.roi_threshold}.")
     check_threads(options.threads)
     check_backend(options.backend)
     return side, margin
 
 
+def roi_threshold(options, man) -> float:
+    """The stage-1 probability that seeds the ROI: ``options.roi_threshold``, else the bundle's
+    ``stage1.roi_threshold``, else :data:`PAROTID_THRESHOLD` (the ROI is the parotid + margin)."""
+    if options.roi_threshold is not None:
+        return float(options.roi_threshold)
+    t = float(man.stage("stage1").get("roi_threshold", PAROTID_THRESHOLD))
+    if not (0.0 < t <= PAROTID_THRESHOLD):
+        from .errors import ModelError
+        raise ModelError(f"The model's stage1.roi_threshold must be in (0, {PAROTID_THRESHOLD:g}], got {t}.")
+    return t
+
+
+def _stage1_to_input(fg1, keep, thr, g1, geometry, side, midline):
+    """Voxels of ``keep`` (bool, stage-1 grid) back on the input grid: ``fg1`` resampled linearly inside their
+    padded box and thresholded at ``thr`` (voxels outside ``keep`` capped below ``thr``), on the operated side
+    only. → (bool mask on the input grid or None if its box misses the input, LPS box on the stage-1 grid)."""
+    blo, bhi = roi_mod.bounding_box(keep, pad_vox=2)
+    plo, phi = preprocess.lps_bounds(g1, blo, bhi)
+    tgt_box = _input_box(geometry, plo, phi)
+    if tgt_box is None:
+        return None, (plo, phi)
+    fg = np.where(keep, fg1, np.minimum(fg1, thr - 0.01)).astype(np.float32)  # dropped components stay out
+    tlo, thi = tgt_box
+    g_sub = geometry.crop(tlo, thi)
+    sub = preprocess.resample_to(fg, g1, g_sub, "linear", default_value=0.0) >= thr
+    sub &= preprocess.side_halfspace_mask(g_sub, side, midline)
+    out = np.zeros(geometry.shape, bool)
+    out[tuple(slice(a, b) for a, b in zip(tlo, thi))] = sub
+    return out, (plo, phi)
+
+
 def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer):
     """Stage 1 on the side crop → the parotid on the input grid (post-processed, operated side only), its
-    stage-1 volume (cc) and its LPS box (lo, hi) on the stage-1 grid."""
+    stage-1 volume (cc), its LPS box (lo, hi) on the stage-1 grid, the ROI's seed on the input grid and a
+    report of it.
+
+    The seed is the parotid, or, with a ROI threshold ``t`` below 0.5 (:func:`roi_threshold`), the parotid
+    plus the voxels of probability >= ``t`` connected (26-connectivity, stage-1 grid) to the kept parotid:
+    where stage 1 hesitates at the gland's edge, the OARs next to it still fall inside the ROI. It never
+    changes the parotid contour."""
+    from scipy import ndimage
+
     from .inference import sliding_window
 
     with timer("stage1"):
@@ -430,7 +480,7 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
         del probs1
         if stage_input_region(man, "stage1") == "whole":  # only the operated side's parotid counts
             fg1 = np.where(preprocess.side_halfspace_mask(g1, side, midline), fg1, 0.0).astype(np.float32)
-        par1 = fg1 >= 0.5
+        par1 = fg1 >= PAROTID_THRESHOLD
         empty_msg = (f"Stage 1 found no parotid on the patient's {side} side of {name}. Check --side "
                      "(left = patient left), that the scan covers the parotid region, and the model. "
                      "No organs at risk were produced.")
@@ -438,22 +488,19 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
             raise EmptyStructureError(empty_msg)
         par1 = keep_components(par1, g1.spacing_zyx, options.min_component_cc, options.max_component_gap_mm)
         par1_cc = float(np.count_nonzero(par1)) * g1.voxel_volume_cc
-        # parotid probability → input grid, only inside the parotid's padded box
-        blo, bhi = roi_mod.bounding_box(par1, pad_vox=2)
-        plo, phi = preprocess.lps_bounds(g1, blo, bhi)
-        fg1 = np.where(par1, fg1, np.minimum(fg1, 0.49)).astype(np.float32)  # dropped components stay out
-        tgt_box = _input_box(geometry, plo, phi)
-        if tgt_box is None:
+        parotid, box = _stage1_to_input(fg1, par1, PAROTID_THRESHOLD, g1, geometry, side, midline)
+        if parotid is None or not parotid.any():
             raise EmptyStructureError(empty_msg)
-        tlo, thi = tgt_box
-        g_sub = geometry.crop(tlo, thi)
-        par_sub = preprocess.resample_to(fg1, g1, g_sub, "linear", default_value=0.0) >= 0.5
-        par_sub &= preprocess.side_halfspace_mask(g_sub, side, midline)
-        parotid = np.zeros(geometry.shape, bool)
-        parotid[tuple(slice(a, b) for a, b in zip(tlo, thi))] = par_sub
-        if not parotid.any():
-            raise EmptyStructureError(empty_msg)
-    return parotid, par1_cc, (plo, phi)
+        thr = roi_threshold(options, man)
+        seed, info = parotid, {"threshold": thr}
+        if thr < PAROTID_THRESHOLD:
+            lab, _ = ndimage.label(fg1 >= thr, structure=np.ones((3, 3, 3), bool))
+            ids = np.unique(lab[par1])
+            seed1 = np.isin(lab, ids[ids > 0])
+            extra, _ = _stage1_to_input(fg1, seed1, thr, g1, geometry, side, midline)
+            seed = parotid | extra
+            info["added_cc"] = round(float(np.count_nonzero(seed & ~parotid)) * geometry.voxel_volume_cc, 3)
+    return parotid, par1_cc, box, seed, info
 
 
 def _side_box(geometry: Geometry, midline: float, midline_info: dict, side: str | None):

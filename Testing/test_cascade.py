@@ -541,3 +541,45 @@ def test_wrong_side_warning_compares_both_sides_stage1_volumes(tiny_bundle):
     off = cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=bundle_all, device="cpu",
                                                     side_check=False), parotid_only=True).report
     assert off["side_check"] is None and "side_check" not in off["timings"]
+
+
+def test_roi_threshold_widens_the_roi_seed_never_the_parotid(tiny_bundle, tmp_path):
+    """A ROI threshold below 0.5 (option or the bundle's stage1.roi_threshold) seeds the ROI with the parotid plus
+    the stage-1 voxels of at least that probability connected to it: the parotid contour is unchanged, the ROI
+    grows and still holds every OAR, and 0.5 (the default) is the parotid + margin exactly."""
+    import shutil
+
+    from ParotidOARLib import bundle as bundle_mod
+
+    mixed = make_tiny_bundle_cached(tiny_bundle.parent, "mixed", stage1_bias=0.0, seed=3)
+    ct, g = synthetic_ct(size=(70, 60, 24), spacing=(3.0, 3.0, 4.0))
+    runs = {t: cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=mixed, device="cpu",
+                                                         roi_margin_mm=10.0, roi_threshold=t))
+            for t in (None, 0.5, 0.3)}
+    par = runs[None].masks[labels.PAROTID]
+    assert par.any()
+    assert np.array_equal(runs[None].roi, roi.expand(par, g, 10.0))
+    assert np.array_equal(runs[0.5].roi, runs[None].roi)
+    assert runs[None].report["roi_seed"] == {"threshold": 0.5}
+    low = runs[0.3]
+    assert np.array_equal(low.masks[labels.PAROTID], par)
+    assert (low.roi >= runs[None].roi).all() and low.roi.sum() > runs[None].roi.sum()
+    assert low.report["roi_seed"]["threshold"] == 0.3 and low.report["roi_seed"]["added_cc"] > 0
+    for name in labels.OARS:
+        assert not (low.masks[name] & ~low.roi).any()
+    # the same threshold from the bundle's manifest
+    b2 = tmp_path / "b2"
+    shutil.copytree(mixed, b2)
+    man = json.loads((b2 / bundle_mod.MANIFEST).read_text())
+    man["stages"]["stage1"]["roi_threshold"] = 0.3
+    (b2 / bundle_mod.MANIFEST).write_text(json.dumps(man))
+    from_manifest = cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=b2, device="cpu",
+                                                              roi_margin_mm=10.0))
+    assert np.array_equal(from_manifest.roi, low.roi)
+    man["stages"]["stage1"]["roi_threshold"] = 0.7
+    (b2 / bundle_mod.MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(ModelError, match="roi_threshold"):
+        cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=b2, device="cpu"))
+    for bad in (0.0, 0.6, float("nan")):
+        with pytest.raises(InputError, match="--roi-threshold"):
+            cascade.run(ct, g, cascade.SegmentOptions(side="left", model_dir=mixed, device="cpu", roi_threshold=bad))

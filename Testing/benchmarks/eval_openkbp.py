@@ -45,6 +45,8 @@ def main(argv=None):
                          "(writes eval_openkbp_components.json)")
     ap.add_argument("--step", type=float, default=None,
                     help="sliding-window step for both stages (default: cascade.DEFAULT_STEPS; 0.5 = before issue 18)")
+    ap.add_argument("--roi-threshold", type=float, default=None,
+                    help="stage-1 probability that seeds the ROI (default: the model's stage1.roi_threshold, 0.5)")
     ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
     ap.add_argument("--parotid-only", action="store_true", help="stage 1 only (no mandible coverage figures)")
     ap.add_argument("--roi-from", choices=["stage1", "reference", "both"], default="both",
@@ -75,7 +77,7 @@ def main(argv=None):
         ct, g, masks, side = dataset.load_sample(s)
         row = {"patient": s.patient, "side": side}
         opts = cascade.SegmentOptions(side=side, model_dir=args.model, tta=args.tta, threads=args.threads or None,
-                                      step=args.step)
+                                      step=args.step, roi_threshold=args.roi_threshold)
         rind = None
         if not args.parotid_only:  # the body from the CT at -400 HU (holes filled), its outer 3 mm
             rind = skin_rind(ct, g)
@@ -106,6 +108,8 @@ def main(argv=None):
     out = {"model": bundle.manifest.model_id, "data": f"OpenKBP {args.split} (minus {', '.join(EXCLUDE)})",
            "tta": bool(args.tta), "parotid_only": bool(args.parotid_only),
            "step": {st: cascade.stage_step(cascade.SegmentOptions(side="left", step=args.step), st) for st in ("stage1", "stage2")},
+           "roi_threshold": cascade.roi_threshold(cascade.SegmentOptions(side="left", roi_threshold=args.roi_threshold),
+                                                  bundle.manifest),
            "n_samples": len(rows), "n_patients": len({r['patient'] for r in rows}), "summary": summary,
            "rows": rows, "surface_dsc_tolerance_mm": 2.85,
            "roi_from": args.roi_from, "skin_rind_mm": SKIN_RIND_MM, "skin_surface_dsc_tolerance_mm": 2.0,

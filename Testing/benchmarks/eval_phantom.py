@@ -34,8 +34,8 @@ CACHE = REPO / "runs" / "eval-phantoms"
 DEFAULT_SPACING = (0.98, 0.98, 2.0)
 
 
-def case_sets(n_default: int, n_extra: int):
-    sets = [("default 0.98x0.98x2.0 mm", [(s, DEFAULT_SPACING, None) for s in range(n_default)])]
+def case_sets(n_default: int, n_extra: int, first_seed: int = 0):
+    sets = [("default 0.98x0.98x2.0 mm", [(s, DEFAULT_SPACING, None) for s in range(first_seed, first_seed + n_default)])]
     if n_extra:
         base = 20
         sets.append(("spacing 0.6x0.6x1.25 mm", [(base + i, (0.6, 0.6, 1.25), None) for i in range(n_extra)]))
@@ -110,6 +110,11 @@ def main(argv=None):
                          "(shows how much of the OAR error comes from stage 1)")
     ap.add_argument("--step", type=float, default=None,
                     help="sliding-window step for both stages (default: cascade.DEFAULT_STEPS; 0.5 = before issue 18)")
+    ap.add_argument("--roi-threshold", type=float, default=None,
+                    help="stage-1 probability that seeds the ROI (default: the model's stage1.roi_threshold, 0.5)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="first seed of the default-spacing set: 0 = the held-out test phantoms; 200000 = the "
+                         "training's validation phantoms, for choosing settings without touching seeds 0-19")
     ap.add_argument("--tta", action="store_true", help="left-right mirroring test-time augmentation")
     ap.add_argument("--generate-only", action="store_true", help="only fill the case cache")
     ap.add_argument("--out", default=str(REPO / "Testing" / "benchmarks" / "results" / "eval_phantom.json"))
@@ -117,7 +122,7 @@ def main(argv=None):
     from ParotidOARLib import cascade
     from ParotidOARLib.errors import EmptyStructureError
 
-    sets = case_sets(args.cases, args.extra)
+    sets = case_sets(args.cases, args.extra, args.first_seed)
     if args.generate_only:
         for _, cases in sets:
             for seed, sp, pose in cases:
@@ -129,6 +134,9 @@ def main(argv=None):
     result = {"model": bundle.manifest.model_id, "model_dir": str(args.model), "targets_dsc": TARGETS,
               "reference": "phantom labels clipped to the reference ROI (reference.seg.nrrd)",
               "held_out_seeds": "0..19 default spacing; 20.. extra sets; training seeds >= 100000",
+              "default_set_seeds": [args.first_seed, args.first_seed + args.cases - 1],
+              "roi_threshold": cascade.roi_threshold(cascade.SegmentOptions(side="left", roi_threshold=args.roi_threshold),
+                                                     bundle.manifest),
               "parotid": "reference (stage 2 alone)" if args.reference_parotid else "stage 1", "tta": bool(args.tta),
               "step": {st: cascade.stage_step(cascade.SegmentOptions(side="left", step=args.step), st) for st in ("stage1", "stage2")},
               "sets": {}}
@@ -139,7 +147,7 @@ def main(argv=None):
             t = time.perf_counter()
             try:
                 opts = cascade.SegmentOptions(side=c["side"], model_dir=args.model, tta=args.tta, step=args.step,
-                                              threads=args.threads or None)
+                                              threads=args.threads or None, roi_threshold=args.roi_threshold)
                 res = cascade.run(c["ct"], c["geometry"], opts, bundle=bundle,
                                   parotid=c["labels_full"][L.PAROTID] if args.reference_parotid else None,
                                   parotid_source="reference" if args.reference_parotid else None)
