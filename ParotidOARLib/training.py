@@ -101,6 +101,9 @@ class TrainConfig:
     val_every: int = 0
     #: stage 1: probability that a real (dataset) sample gets a simulated parotidectomy (``resection``)
     resect_p: float = 0.0
+    #: CPU: every convolution through oneDNN (``inference.optimise_for_cpu``), forward and backward; the same
+    #: numbers, faster where PyTorch's heuristic would pick its slow path (Testing/benchmarks/bench_train_step.py)
+    onednn: bool = False
 
 
 # ---------------------------------------------------------------------------------
@@ -544,6 +547,10 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
         raise ParotidOARError(f"Patch {patch} must be a multiple of the network divisor {div}.")
     torch.manual_seed(cfg.seed * 1000 + rank * 7919)  # same initial weights on every rank / rerun
     model = build(net_cfg).to(device)
+    if cfg.onednn and device.type == "cpu":
+        from .inference import optimise_for_cpu
+
+        optimise_for_cpu(model)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                           weight_decay=cfg.weight_decay)
     n_out = len(net_cfg.strides) - 1
@@ -674,7 +681,8 @@ def train(cfg: TrainConfig, train_items: list[dict], val_items: list[dict], norm
               "best_val_dice_ema": state["best_dice"], "lowest_val_loss": state["best_loss"],
               "best_volume_dsc": state.get("best_volume_dsc"), "volume_validation": state.get("volume_log", []),
               "recipe": {"fg_mode": cfg.fg_mode, "fg_fraction": cfg.fg_fraction, "augment": cfg.augment_preset,
-                         "lr_by_time": cfg.lr_by_time, "lr": cfg.lr, "val_every": cfg.val_every},
+                         "lr_by_time": cfg.lr_by_time, "lr": cfg.lr, "val_every": cfg.val_every,
+                         "onednn": bool(cfg.onednn and device.type == "cpu")},
               "final_val_dice_per_class": state["log"][-1]["val_dice_per_class"] if state["log"] else None,
               "train_minutes": round(state["elapsed_s"] / 60, 1), "device": str(device), "world_size": world,
               "threads": torch.get_num_threads(), "normalisation": norm, "network": net_cfg.to_dict()}

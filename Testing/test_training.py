@@ -172,6 +172,39 @@ def test_smoke_training_resume_and_bundle(tmp_path, small_items):
         bundle.load_bundle(out, verify=True)
 
 
+def test_onednn_training_takes_the_same_steps(tmp_path, small_items):
+    """--onednn (TrainConfig.onednn): every convolution through oneDNN, forward and backward. The gradients
+    match PyTorch's default convolution, so two epochs from the same seed end at the same weights (up to float
+    rounding), and the record says which path ran."""
+    from ParotidOARLib import inference, training
+    from ParotidOARLib.network import build
+
+    torch.manual_seed(0)
+    net_a, net_b = build(_tiny(1)), build(_tiny(1))
+    net_b.load_state_dict(net_a.state_dict())
+    inference.optimise_for_cpu(net_b)
+    x = torch.randn(2, 1, 16, 32, 24)
+    for net in (net_a, net_b):
+        out = net(x)
+        sum(o.float().square().mean() for o in (out if isinstance(out, list) else [out])).backward()
+    for (name, pa), pb in zip(net_a.named_parameters(), net_b.parameters()):
+        assert pa.grad is not None and torch.allclose(pa.grad, pb.grad, rtol=1e-3, atol=1e-5), name
+
+    s1, _ = small_items
+    norm1 = training.compute_normalisation(s1)
+    p1 = training.prepare(s1, norm1, 1, (16, 32, 24))
+    recs = {}
+    for flag in (False, True):
+        cfg = _cfg(tmp_path, 1, 2, f"onednn_{flag}")
+        cfg.onednn = flag
+        recs[flag] = training.train(cfg, p1, p1, norm1, log=lambda m: None)
+    assert recs[True]["recipe"]["onednn"] is True and recs[False]["recipe"]["onednn"] is False
+    a = torch.load(tmp_path / "onednn_False" / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "onednn_True" / "checkpoint_last.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-2, atol=1e-3), k
+
+
 def test_cli_train_on_seg_dataset(tmp_path):
     """`python -m ParotidOARLib train` end to end on the user's own .seg.nrrd cases (the phantom's files):
     both stages from the dataset alone, one case with only some OARs (partial labels, masked loss)."""

@@ -112,6 +112,9 @@ def add_arguments(p):
                    help="stage 1: probability that a dataset sample gets a simulated parotidectomy (a cap of the "
                         "gland replaced by soft tissue, fat, seroma or fibrosis; the label keeps the residual; "
                         "docs/training.md). Default 0")
+    p.add_argument("--onednn", action="store_true",
+                   help="CPU: run every convolution through oneDNN in training too (as segment does; the same "
+                        "numbers; Testing/benchmarks/bench_train_step.py measures the speed)")
     p.add_argument("--val-every", type=int, default=0,
                    help="stage 1: every N epochs, segment every validation sample whole through the segment code "
                         "path and keep the best mean DSC as checkpoint_best_volume.pt (0 = never)")
@@ -369,7 +372,8 @@ def _cfg(args, stage, run_dir, spacing, patch, network=None):
                                 init_checkpoint=getattr(args, "init_from", ""), fg_mode=r["fg_mode"],
                                 augment_preset=r["augment"], lr_by_time=r["lr_by_time"],
                                 val_every=getattr(args, "val_every", 0) if stage == 1 else 0,
-                                resect_p=getattr(args, "resect", 0.0) if stage == 1 else 0.0)
+                                resect_p=getattr(args, "resect", 0.0) if stage == 1 else 0.0,
+                                onednn=bool(getattr(args, "onednn", False)))
 
 
 def _init_distributed():
