@@ -20,15 +20,23 @@ AIR        background, external auditory canal                  outside the body
 INNER      background, auricula, mastoid process, canal          inside the body, deeper than the rind,
                                                                  not mandible (the three OARs the data
                                                                  does not label may be anywhere here)
-RIND       skin, auricula, canal                                 the body's outer 3 mm (the auricle and
-                                                                 the canal's opening lie in the rind too)
+RIND       skin                                                  the body's outer 3 mm, away from the ear
 MANDIBLE   condyle process, mandibular ramus                     OpenKBP's Mandible
 OPEN       background, auricula, mastoid process, canal,         like INNER, but on an axial slice where
            condyle process, mandibular ramus                     the Mandible is not contoured at all
                                                                  (OpenKBP often contours it only up to
                                                                  some level, below the condyle)
-UNKNOWN    —                                                     no supervision (value 255)
+UNKNOWN    —                                                     no supervision (value 255): the ear
+                                                                 zone (below), except the Mandible
 =========  ====================================================  =====================================
+
+**The ear zone** (groups v4). The auricle is a plate of soft tissue a few mm thick that stands out of the
+head, and the canal opens in its concha: there the body's rind may be skin, auricula or canal, and nothing
+in OpenKBP says which. Groups v3 allowed all three in RIND everywhere, and a long fine-tune (90 min, model
+candidate 1.4.0-a) found the degenerate answer: it called the whole real rind "auricula" (28 cc of auricula
+and 3 cc of skin on one side, skin DSC against the rind 0.24). So RIND is now skin alone, and the ear is left
+unsupervised: :func:`ear_zone` finds the body's thin protrusions (what a morphological opening with a 5 mm
+ball removes) and every voxel within 10 mm of them. Auricula and canal are learned from the phantoms alone.
 
 The loss on a group map is the **marginal loss** (Shi et al., "Marginal loss and exclusion loss for
 partially supervised multi-organ segmentation", Med Image Anal 2021;70:101979; the same idea as Fang &
@@ -39,8 +47,8 @@ towards background (it may be auricula, mastoid or canal); a voxel in MANDIBLE i
 "ramus or condyle" and the split between the two is left to the phantoms. A soft Dice (nnU-Net's batch
 Dice, over the batch's group-labelled samples and their supervised voxels) is added for the groups
 whose classes exclude background: MANDIBLE, over the voxels whose group shares none of its classes
-(OPEN voxels may be ramus or condyle, so they count neither for nor against it). RIND gets none, because
-its auricula and canal may also lie in INNER, so its merged probability is not a region of its own.
+(OPEN voxels may be ramus or condyle, so they count neither for nor against it), and RIND (skin alone, so
+its probability is the skin's).
 
 In a batch, a group-labelled sample is marked by an all-zero ``channel_mask`` (no class is labelled
 on its own); :class:`ParotidOARLib.losses.DeepSupervisionLoss` then routes it to
@@ -61,15 +69,18 @@ RIND_MM = 3.0  # the phantom's skin: 2.6-3.4 mm
 GROUP_CLASSES = {
     AIR: ("background", L.EAC),
     INNER: ("background", L.AURICULA, L.MASTOID, L.EAC),
-    RIND: (L.SKIN, L.AURICULA, L.EAC),
+    RIND: (L.SKIN,),
     MANDIBLE: (L.CONDYLE, L.RAMUS),
     OPEN: ("background", L.AURICULA, L.MASTOID, L.EAC, L.CONDYLE, L.RAMUS),
 }
 GROUP_NAMES = {AIR: "air", INNER: "inner", RIND: "rind", MANDIBLE: "mandible", OPEN: "open"}
-#: groups that get a soft-Dice term: no background and no class shared with another group. The rind's
-#: auricula and canal may also lie in INNER, so a Dice on "skin ∪ auricula ∪ canal" would count every
-#: inner auricula voxel as a false rind voxel; the rind is supervised by the marginal CE alone.
-DICE_GROUPS = (MANDIBLE,)
+#: groups that get a soft-Dice term: no background (the skin, since groups v4, is RIND's only class)
+DICE_GROUPS = (MANDIBLE, RIND)
+#: the ear zone (groups v4, :func:`ear_zone`): thin protrusions of the body are what an opening with a ball of
+#: this radius removes (the auricle is ~2-6 mm thick), and the zone reaches this far around them
+EAR_OPENING_MM = 5.0
+EAR_ZONE_MM = 10.0
+EAR_MIN_CC = 0.3
 #: where a foreground-centred patch of a real crop is centred (not INNER, which is most of the crop)
 SAMPLING_GROUPS = (MANDIBLE, RIND)
 
@@ -123,6 +134,35 @@ def outer_rind(body: np.ndarray, spacing_zyx, depth_mm: float = RIND_MM) -> np.n
     return out
 
 
+def ear_zone(body: np.ndarray, spacing_zyx, opening_mm: float = EAR_OPENING_MM,
+             zone_mm: float = EAR_ZONE_MM, min_cc: float = EAR_MIN_CC) -> np.ndarray:
+    """Where a real crop cannot tell skin from auricula or canal: the body's thin protrusions (the voxels a
+    morphological opening with a ball of radius ``opening_mm`` removes: the auricle) and every voxel within
+    ``zone_mm`` of them. Only protrusions of at least ``min_cc`` count. The opening is done with exact distance transforms in mm (erosion: deeper than
+    ``opening_mm``; dilation: within ``opening_mm`` of the eroded body). The crop's faces are not a surface,
+    as in :func:`outer_rind`."""
+    from scipy import ndimage
+
+    body = np.asarray(body, bool)
+    if not body.any() or body.all():
+        return np.zeros_like(body)
+    sp = [float(s) for s in spacing_zyx]
+    core = ndimage.distance_transform_edt(body, sampling=sp) > opening_mm
+    if not core.any():
+        return np.zeros_like(body)
+    # more than a voxel beyond the opened body (the staircase of an oblique surface is not a protrusion)
+    thin = body & (ndimage.distance_transform_edt(~core, sampling=sp) > opening_mm + max(sp))
+    lab, n = ndimage.label(thin, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros_like(body)
+    sizes = np.bincount(lab.ravel()) * float(np.prod(sp)) / 1000.0
+    sizes[0] = 0.0
+    thin = (sizes >= min_cc)[lab]
+    if not thin.any():
+        return np.zeros_like(body)
+    return ndimage.distance_transform_edt(~thin, sampling=sp) <= zone_mm
+
+
 def contoured_slices(mask: np.ndarray) -> np.ndarray:
     """A volume that is True on every axial slice (index axis 0) where ``mask`` has a voxel."""
     mask = np.asarray(mask, bool)
@@ -131,8 +171,8 @@ def contoured_slices(mask: np.ndarray) -> np.ndarray:
 
 def group_map(ct: np.ndarray, mandible: np.ndarray | None, spacing_zyx, body: np.ndarray | None = None,
               depth_mm: float = RIND_MM, mandible_slices: np.ndarray | None = None) -> np.ndarray:
-    """A real crop's label map of groups (uint8): AIR / INNER / RIND / MANDIBLE / OPEN (see the module
-    doc). ``mandible_slices`` (True where the Mandible was contoured on the slice, on this grid;
+    """A real crop's label map of groups (uint8): AIR / INNER / RIND / MANDIBLE / OPEN, and UNKNOWN in the
+    ear zone (:func:`ear_zone`; see the module doc). ``mandible_slices`` (True where the Mandible was contoured on the slice, on this grid;
     :func:`contoured_slices` on the source grid, resampled) turns INNER into OPEN elsewhere. Without a
     mandible label the mandible's voxels cannot be told from INNER, so the deep body is UNKNOWN (only
     the rind and the air are supervised)."""
@@ -143,6 +183,7 @@ def group_map(ct: np.ndarray, mandible: np.ndarray | None, spacing_zyx, body: np
     if mandible is not None and mandible_slices is not None:
         out[body & ~np.asarray(mandible_slices, bool)] = OPEN
     out[rind] = RIND
+    out[ear_zone(body, spacing_zyx)] = UNKNOWN  # skin, auricula or canal: not said by the data (groups v4)
     if mandible is not None:
         out[np.asarray(mandible, bool)] = MANDIBLE
     return out
@@ -202,6 +243,8 @@ def marginal_loss(logits, target, groups=None, smooth: float = 1e-5, dice_groups
         kn = (known & ~torch.isin(t, shares.flatten().to(t.dtype)))[:, None].float()
         p = merged[:, g:g + 1] * kn
         y = (t == g)[:, None].float()
+        if not bool(y.any()):  # a group absent from the batch has no overlap to measure (its CE still counts)
+            continue
         inter = (p * y).sum()
         dice_terms.append((2 * inter + smooth) / (p.sum() + y.sum() + smooth))
     dice = torch.stack(dice_terms).mean() if dice_terms else torch.ones((), device=logits.device)

@@ -257,7 +257,7 @@ def stage2_openkbp_data(args, work: Path):
         raise ParotidOARError(f"--format openkbp needs {args.data}/train (and validation); not found.")
     tr_s, va_s, split = official
     # v2: the rind's half-voxel along the surface normal; v3: OPEN where the Mandible is not contoured
-    tag = f"s2-real-{training.STAGE2_SPACING}-groups-v3"
+    tag = f"s2-real-{training.STAGE2_SPACING}-groups-v4"
     _log(f"stage-2 real (group-labelled) cache: {len(tr_s)} train + {len(va_s)} validation samples")
     cache = work / "cache" / "stage2-real"
     tr = training.cached_items(tr_s, stage2_real_item, cache, tag, _log)
