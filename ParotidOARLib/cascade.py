@@ -498,7 +498,7 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
             ids = np.unique(lab[par1])
             seed1 = np.isin(lab, ids[ids > 0])
             extra, _ = _stage1_to_input(fg1, seed1, thr, g1, geometry, side, midline)
-            seed = parotid | extra
+            seed = parotid if extra is None else parotid | extra
             info["added_cc"] = round(float(np.count_nonzero(seed & ~parotid)) * geometry.voxel_volume_cc, 3)
     return parotid, par1_cc, box, seed, info
 
