@@ -281,6 +281,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                              f"the network's {div}. Fix the manifest or retrain.")
     for st in needed:
         stage_input_region(man, st)  # a stage trained on another input region is refused here
+    roi_thr = roi_threshold(options, man)  # a bad stage1.roi_threshold is refused before any work
     unknown = [] if parotid_only else [n for n in man.labels("stage2")[1:] if n not in labels.OARS]
     if unknown or man.labels("stage1")[1:] != [labels.PAROTID]:
         from .errors import ModelError
@@ -327,7 +328,7 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         roi_seed = parotid
     else:
         parotid, chosen_cc, parotid_box, roi_seed, roi_seed_info = _stage1_parotid(
-            net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer)
+            net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer, roi_thr)
         if options.side_check:
             with timer("side_check"):
                 side_check = _side_check(net1, array, geometry, man, options, device, norm1, midline, midline_info,
@@ -457,13 +458,14 @@ def _stage1_to_input(fg1, keep, thr, g1, geometry, side, midline):
     return out, (plo, phi)
 
 
-def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer):
+def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, midline, name, progress, timer,
+                    thr: float = PAROTID_THRESHOLD):
     """Stage 1 on the side crop → the parotid on the input grid (post-processed, operated side only), its
     stage-1 volume (cc), its LPS box (lo, hi) on the stage-1 grid, the ROI's seed on the input grid and a
     report of it.
 
-    The seed is the parotid, or, with a ROI threshold ``t`` below 0.5 (:func:`roi_threshold`), the parotid
-    plus the voxels of probability >= ``t`` connected (26-connectivity, stage-1 grid) to the kept parotid:
+    The seed is the parotid, or, with a ROI threshold ``thr`` below 0.5 (:func:`roi_threshold`), the parotid
+    plus the voxels of probability >= ``thr`` connected (26-connectivity, stage-1 grid) to the kept parotid:
     where stage 1 hesitates at the gland's edge, the OARs next to it still fall inside the ROI. It never
     changes the parotid contour."""
     from scipy import ndimage
@@ -491,7 +493,6 @@ def _stage1_parotid(net1, x1, man, options, device, norm1, g1, geometry, side, m
         parotid, box = _stage1_to_input(fg1, par1, PAROTID_THRESHOLD, g1, geometry, side, midline)
         if parotid is None or not parotid.any():
             raise EmptyStructureError(empty_msg)
-        thr = roi_threshold(options, man)
         seed, info = parotid, {"threshold": thr}
         if thr < PAROTID_THRESHOLD:
             lab, _ = ndimage.label(fg1 >= thr, structure=np.ones((3, 3, 3), bool))

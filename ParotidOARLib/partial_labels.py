@@ -138,9 +138,9 @@ def ear_zone(body: np.ndarray, spacing_zyx, opening_mm: float = EAR_OPENING_MM,
              zone_mm: float = EAR_ZONE_MM, min_cc: float = EAR_MIN_CC) -> np.ndarray:
     """Where a real crop cannot tell skin from auricula or canal: the body's thin protrusions (the voxels a
     morphological opening with a ball of radius ``opening_mm`` removes: the auricle) and every voxel within
-    ``zone_mm`` of them. Only protrusions of at least ``min_cc`` count. The opening is done with exact distance transforms in mm (erosion: deeper than
-    ``opening_mm``; dilation: within ``opening_mm`` of the eroded body). The crop's faces are not a surface,
-    as in :func:`outer_rind`."""
+    ``zone_mm`` of them. Only protrusions of at least ``min_cc`` count. The opening is done with exact
+    distance transforms in mm (erosion: deeper than ``opening_mm``; dilation: within ``opening_mm`` of the
+    eroded body). The crop's faces are not a surface, as in :func:`outer_rind`."""
     from scipy import ndimage
 
     body = np.asarray(body, bool)
@@ -172,8 +172,9 @@ def contoured_slices(mask: np.ndarray) -> np.ndarray:
 def group_map(ct: np.ndarray, mandible: np.ndarray | None, spacing_zyx, body: np.ndarray | None = None,
               depth_mm: float = RIND_MM, mandible_slices: np.ndarray | None = None) -> np.ndarray:
     """A real crop's label map of groups (uint8): AIR / INNER / RIND / MANDIBLE / OPEN, and UNKNOWN in the
-    ear zone (:func:`ear_zone`; see the module doc). ``mandible_slices`` (True where the Mandible was contoured on the slice, on this grid;
-    :func:`contoured_slices` on the source grid, resampled) turns INNER into OPEN elsewhere. Without a
+    ear zone (:func:`ear_zone`; see the module doc). ``mandible_slices`` (True where the Mandible was
+    contoured on the slice, on this grid; :func:`contoured_slices` on the source grid, resampled) turns INNER
+    into OPEN elsewhere. Without a
     mandible label the mandible's voxels cannot be told from INNER, so the deep body is UNKNOWN (only
     the rind and the air are supervised)."""
     body = body_from_ct(ct) if body is None else np.asarray(body, bool)
