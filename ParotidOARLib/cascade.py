@@ -250,43 +250,24 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     from this parotid (a clinician's corrected contour, or a reference one to study stage 2 alone).
     Only the part on the operated side of the body midline is used; none there is an error.
     ``parotid_source`` names it in the report (``"parotid_source": "given (<source>)"``)."""
-    import torch
-
-    from . import backends
-    from .inference import configure_cpu_threads, select_device, sliding_window
-
     timer = _Timer()
     t_total = time.perf_counter()
     side, margin = check_options(options)
     array = preprocess.to_int16(array, name)  # (refuses NaN / infinite values)
     preprocess.validate_ct(array, geometry, name)
-
-    with timer("load_model"):
-        if bundle is None:
+    if bundle is None:
+        with timer("load_model"):
             bundle = load_model_bundle(options.model_dir)
-        man = bundle.manifest
-        device = select_device(options.device)
-        threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
-        # stage 1 alone (parotid_only) needs no stage-2 network: whole-volume validation during
-        # stage-1 training runs this path with a stage-1-only bundle
-        needed = ("stage1",) if parotid_only else ("stage1", "stage2")
-        backend = backends.resolve(options.backend, device.type)
-        nets = {st: _network(bundle, st, device, backend, threads) for st in needed}
-        net1, net2 = nets["stage1"], nets.get("stage2")
-    for st in needed:
-        div = man.architecture(st).divisor
-        if any(p % d for p, d in zip(inference_patch(man, st), div)):
-            from .errors import ModelError
-            raise ModelError(f"Bundle {bundle.directory}: {st} patch {inference_patch(man, st)} is not a multiple of "
-                             f"the network's {div}. Fix the manifest or retrain.")
-    for st in needed:
-        stage_input_region(man, st)  # a stage trained on another input region is refused here
+    man = bundle.manifest
     roi_thr = roi_threshold(options, man)  # a bad stage1.roi_threshold is refused before any work
     unknown = [] if parotid_only else [n for n in man.labels("stage2")[1:] if n not in labels.OARS]
     if unknown or man.labels("stage1")[1:] != [labels.PAROTID]:
         from .errors import ModelError
         raise ModelError(f"Bundle {bundle.directory} has labels {man.labels('stage1')} / {man.labels('stage2')}; "
                          f"expected ['background', 'Parotid'] and background + {list(labels.OARS)}.")
+    needed = ("stage1",) if parotid_only else ("stage1", "stage2")
+    for st in needed:
+        stage_input_region(man, st)  # a stage trained on another input region is refused here
 
     warnings = []
     slice_mm = float(geometry.spacing[int(np.argmax(np.abs(geometry.direction_matrix[2])))])
@@ -296,7 +277,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                         "Small structures (the ear canal, the condyle) may be missed or too small: check them, or "
                         "use a thinner reconstruction of the scan.")
 
-    # ---- preprocess: midline, side half on the stage-1 grid
+    # ---- preprocess: midline, side half on the stage-1 grid. It needs no torch, so in a fresh process it
+    # runs while `segment` is still importing torch in the background (backends.preload; issue 18).
     with timer("preprocess"):
         midline, midline_info = preprocess.body_midline(array, geometry)
         side_lo, side_hi = _side_box(geometry, midline, midline_info, side)
@@ -316,6 +298,26 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
                                              output_dtype=np.float32)
             x1 = preprocess.normalise(ct1, norm1)
             del ct1
+
+    import torch
+
+    from . import backends
+    from .inference import configure_cpu_threads, select_device, sliding_window
+
+    with timer("load_model"):
+        device = select_device(options.device)
+        threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
+        # stage 1 alone (parotid_only) needs no stage-2 network: whole-volume validation during
+        # stage-1 training runs this path with a stage-1-only bundle
+        backend = backends.resolve(options.backend, device.type)
+        nets = {st: _network(bundle, st, device, backend, threads) for st in needed}
+        net1, net2 = nets["stage1"], nets.get("stage2")
+    for st in needed:
+        div = man.architecture(st).divisor
+        if any(p % d for p, d in zip(inference_patch(man, st), div)):
+            from .errors import ModelError
+            raise ModelError(f"Bundle {bundle.directory}: {st} patch {inference_patch(man, st)} is not a multiple of "
+                             f"the network's {div}. Fix the manifest or retrain.")
     if progress:
         progress(progress_mod.STEPS["preprocess"][1], "preprocess")
 

@@ -228,10 +228,29 @@ def _body_mask_sub(array: np.ndarray, threshold_hu: float, step: int) -> np.ndar
         counts = np.bincount(lab.ravel())
         counts[0] = 0
         sub = lab == int(np.argmax(counts))
-    for k in range(sub.shape[0]):
-        if sub[k].any():
-            sub[k] = ndimage.binary_fill_holes(sub[k])
-    return sub
+    return fill_holes_per_slice(sub)
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``mask [k, j, i]`` with the holes of every axial slice filled: the same as
+    ``ndimage.binary_fill_holes`` slice by slice (a hole is background not 4-connected to the slice's border),
+    done with one 3D labelling of the background whose structure has no link between slices (about 5 times
+    faster on a 512×512×150 CT, issue 18)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3 or min(mask.shape) == 0:
+        raise ValueError(f"fill_holes_per_slice needs a non-empty 3D mask, got shape {mask.shape}")
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(~mask, structure=structure)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (lab[:, 0, :], lab[:, -1, :], lab[:, :, 0], lab[:, :, -1]):
+        outside[edge] = True
+    outside[0] = True  # label 0: the mask itself
+    return mask | ~outside[lab]
 
 
 def body_mask(array: np.ndarray, geometry: Geometry, threshold_hu: float = BODY_THRESHOLD_HU,

@@ -8,6 +8,7 @@ exactly as Slicer stores them.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,8 +208,8 @@ def _pack_layers(masks: dict[str, np.ndarray], geometry: Geometry, side: str | N
             label = next_label[layer_index]
             layers[layer_index][zs][sub] = label
             next_label[layer_index] += 1
-            k, j, i = (np.nonzero(a)[0] for a in (mask.any(axis=(1, 2)), mask.any(axis=(0, 2)), mask.any(axis=(0, 1))))
-            extent = [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(k[0]), int(k[-1])]
+            j, i = (np.nonzero(a)[0] for a in (sub.any(axis=(0, 2)), sub.any(axis=(0, 1))))
+            extent = [int(i[0]), int(i[-1]), int(j[0]), int(j[-1]), int(idx[0]), int(idx[-1])]
         else:  # an empty segment is kept (Slicer does too) with an empty extent
             if not layers:
                 layers.append(np.zeros(geometry.shape, dtype=np.uint8))
@@ -224,8 +225,19 @@ def _pack_layers(masks: dict[str, np.ndarray], geometry: Geometry, side: str | N
     if len(layers) == 1:
         voxels = layers[0].transpose(2, 1, 0)  # (i, j, k), Fortran-contiguous view
     else:
-        voxels = np.stack(layers, axis=-1).transpose(3, 2, 1, 0)  # (layer, i, j, k)
+        voxels = _interleave(layers).transpose(3, 2, 1, 0)  # (layer, i, j, k)
     return voxels, segments
+
+
+def _interleave(layers: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(layers, axis=-1)`` for uint8 layers; two layers (the OARs and the ROI) are interleaved as the
+    bytes of one little-endian uint16 array, about 3 times faster than numpy's strided copy (issue 18)."""
+    if len(layers) != 2 or sys.byteorder != "little":
+        return np.stack(layers, axis=-1)
+    packed = layers[1].astype(np.uint16)
+    packed <<= 8
+    packed |= layers[0]
+    return packed.view(np.uint8).reshape(layers[0].shape + (2,))
 
 
 def read_seg(path) -> tuple[dict[str, np.ndarray], Geometry, list[dict]]:

@@ -4,6 +4,7 @@ usage errors (bad arguments) and user errors (bad input) have distinct exit code
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -64,6 +65,30 @@ def test_usage_and_user_errors_have_distinct_codes(tmp_path):
     r = _cli("segment", tmp_path / "missing.nrrd", "--side", "left", "--out", tmp_path / "o.seg.nrrd")
     assert r.returncode == EXIT_USER_ERROR and r.stderr.strip().startswith("error:")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_segment_process_ends_without_teardown_and_loses_nothing(tmp_path, tiny_bundle):
+    """`segment` ends its process with os._exit after its outputs are published (issue 18): the exit code, the
+    summary line on a piped stdout, the notice on stderr, the log file and the outputs are all still there.
+    Other commands keep the normal exit."""
+    from bundle_utils import synthetic_ct
+    from ParotidOARLib import __main__ as cli_module
+    from ParotidOARLib.imageio import write_image
+
+    assert cli_module.FAST_EXIT_COMMANDS == {"segment"}
+    ct, g = synthetic_ct(size=(64, 60, 24), spacing=(3.0, 3.0, 4.0))
+    ct_path = write_image(tmp_path / "ct.nrrd", ct, g)
+    out, rep, log_file = tmp_path / "a.seg.nrrd", tmp_path / "r.json", tmp_path / "run.log"
+    r = _cli("--log-file", log_file, "segment", ct_path, "--side", "left", "--out", out, "--report", rep,
+             "--model", tiny_bundle, "--device", "cpu", "--threads", "1", "--no-side-check")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {out} (left side") and r.stdout.endswith("on cpu\n")
+    assert "NOT FOR CLINICAL USE" in r.stderr
+    assert out.is_file() and json.loads(rep.read_text())["volumes_cc"]
+    assert "segment finished with exit code 0" in log_file.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.seg.nrrd", "ct.nrrd", "r.json", "run.log"]
+    r = _cli("segment", ct_path, "--side", "left", "--out", out, "--model", tiny_bundle)  # exists: user error
+    assert r.returncode == EXIT_USER_ERROR and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
 def test_verbose_quiet_and_log_file(tmp_path, tiny_bundle):

@@ -77,7 +77,7 @@ def test_wheel_contains_the_command_the_model_and_the_license(wheel):
     for f in ("manifest.json", "stage1.pt", "stage2.pt"):
         assert f"ParotidOARLib/shipped_models/{bundle.DEFAULT_BUNDLE_NAME}/{f}" in names
     ep = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "parotid-oar = ParotidOARLib.__main__:main" in z.read(ep).decode()
+    assert "parotid-oar = ParotidOARLib.__main__:cli" in z.read(ep).decode()
     meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: Apache-2.0" in meta
     assert "Provides-Extra: dicom-seg" in meta and "Provides-Extra: dask" in meta

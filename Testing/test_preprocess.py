@@ -175,6 +175,37 @@ def test_body_mask_drops_the_couch():
     assert body[:, 40, 40].all()
 
 
+def test_fill_holes_per_slice_is_scipys_fill_holes_slice_by_slice():
+    """The one-labelling hole fill gives exactly scipy's binary_fill_holes on every axial slice: holes, a
+    cavity open to the border, a diagonal-only link (4-connectivity), an empty and a full slice; holes never
+    leak between slices."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 40, 50)) > 0.55
+    ring = np.zeros((40, 50), bool)
+    ring[5:30, 5:30] = True
+    ring[10:25, 10:25] = False          # a hole
+    ring[12:14, 40:48] = True
+    mask[1] = ring
+    open_cavity = ring.copy()
+    open_cavity[15:18, 0:12] = False    # the hole opened to the image border: not a hole any more
+    mask[2] = open_cavity
+    diag = np.zeros((40, 50), bool)
+    diag[0:5, 0:5] = True
+    diag[1:4, 1:4] = False
+    diag[1, 1] = True                   # a background pixel linked to the outside only diagonally stays a hole
+    mask[3] = diag
+    mask[4] = False
+    mask[5] = True
+    expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    got = preprocess.fill_holes_per_slice(mask)
+    assert got.dtype == bool and np.array_equal(got, expected)
+    assert got[1, 15, 15] and not got[2, 15, 15]
+    with pytest.raises(ValueError):
+        preprocess.fill_holes_per_slice(np.zeros((4, 4), bool))
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_side_crop_keeps_the_correct_half(side):
     ct, g = synthetic_ct(body_centre_lps=(20.0, 0, 0))

@@ -80,6 +80,33 @@ def test_roundtrip_through_slicerio(tmp_path):
     assert np.allclose(seg["ijkToLPS"], geom.ijk_to_lps)
 
 
+def test_two_layer_packing_matches_numpys_stack_and_extents(tmp_path):
+    """The cascade's case, disjoint structures plus an ROI over them (two layers): the fast byte interleave
+    writes exactly np.stack's layers, every segment's extent is its bounding box, and the file reads back."""
+    geom = _oblique_geometry()
+    k, j, i = geom.shape
+    masks = {}
+    for n, name in enumerate(L.STRUCTURES):  # disjoint boxes, one per structure, on different slices
+        m = np.zeros(geom.shape, bool)
+        m[n + 1, 2 + n:5 + n, 3:3 + n + 2] = True
+        masks[name] = m
+    roi = np.zeros(geom.shape, bool)
+    roi[1:-1, 1:-1, 1:-1] = True
+    masks[L.ROI] = roi
+    voxels, segments = segio._pack_layers(masks, geom, "left")
+    assert voxels.shape == (2, i, j, k)
+    layers = [np.asarray(voxels[n]).transpose(2, 1, 0) for n in range(2)]
+    assert np.array_equal(segio._interleave(layers), np.stack(layers, axis=-1))
+    three = layers + [layers[0][::-1].copy()]
+    assert np.array_equal(segio._interleave(three), np.stack(three, axis=-1))
+    for seg, (name, m) in zip(segments, masks.items()):
+        kk, jj, ii = np.nonzero(m)
+        assert seg["extent"] == [ii.min(), ii.max(), jj.min(), jj.max(), kk.min(), kk.max()], name
+        assert np.array_equal(layers[seg["layer"]] == seg["labelValue"], m), name
+    read, _g, _s = segio.read_seg(segio.write_seg(tmp_path / "two.seg.nrrd", masks, geom, side="left"))
+    assert all(np.array_equal(read[n], m) for n, m in masks.items())
+
+
 def test_write_refuses_to_overwrite_and_checks_shapes(tmp_path):
     geom = _oblique_geometry()
     masks = _masks(geom.shape)
