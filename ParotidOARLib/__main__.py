@@ -57,7 +57,6 @@ NOTICE = "Research use only - not for clinical use."
 #: were already published (issue 18). Only commands that start no child process and leave no temporary file
 #: to an ``atexit`` handler belong here.
 FAST_EXIT_COMMANDS = frozenset({"segment"})
-_ran: list[str] = []  # the command main() ran last (read by cli())
 
 #: command → example command lines (after the program name)
 EXAMPLES = {
@@ -214,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     global_args = parser.parse_args(lead + [argv[0]])
     name = argv[0]
-    _ran[:] = [name]
     module_name, help_text = COMMANDS[name]
     try:
         module = importlib.import_module(f".commands.{module_name}", __package__)
@@ -258,7 +256,8 @@ def cli() -> None:
     ends without the interpreter's teardown; every file it wrote is already complete and renamed into place
     (``imageio.staged_outputs``), and ``main`` has closed its log file."""
     rc = main()
-    if _ran and _ran[0] in FAST_EXIT_COMMANDS:
+    command = _split_global_options(sys.argv[1:])[1][:1]  # as main() found it
+    if command and command[0] in FAST_EXIT_COMMANDS:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

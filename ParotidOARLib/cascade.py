@@ -265,6 +265,8 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
         from .errors import ModelError
         raise ModelError(f"Bundle {bundle.directory} has labels {man.labels('stage1')} / {man.labels('stage2')}; "
                          f"expected ['background', 'Parotid'] and background + {list(labels.OARS)}.")
+    # stage 1 alone (parotid_only) needs no stage-2 network: whole-volume validation during
+    # stage-1 training runs this path with a stage-1-only bundle
     needed = ("stage1",) if parotid_only else ("stage1", "stage2")
     for st in needed:
         stage_input_region(man, st)  # a stage trained on another input region is refused here
@@ -307,8 +309,6 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     with timer("load_model"):
         device = select_device(options.device)
         threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
-        # stage 1 alone (parotid_only) needs no stage-2 network: whole-volume validation during
-        # stage-1 training runs this path with a stage-1-only bundle
         backend = backends.resolve(options.backend, device.type)
         nets = {st: _network(bundle, st, device, backend, threads) for st in needed}
         net1, net2 = nets["stage1"], nets.get("stage2")

@@ -234,8 +234,8 @@ def _body_mask_sub(array: np.ndarray, threshold_hu: float, step: int) -> np.ndar
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     """``mask [k, j, i]`` with the holes of every axial slice filled: the same as
     ``ndimage.binary_fill_holes`` slice by slice (a hole is background not 4-connected to the slice's border),
-    done with one 3D labelling of the background whose structure has no link between slices (about 5 times
-    faster on a 512×512×150 CT, issue 18)."""
+    done with one 3D labelling of the background whose structure has no link between slices (0.17 s instead
+    of 0.26 s on the 2 mm body mask of a 512×512×150 CT, issue 18)."""
     from scipy import ndimage
 
     mask = np.asarray(mask, dtype=bool)
