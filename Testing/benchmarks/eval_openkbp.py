@@ -59,15 +59,9 @@ def main(argv=None):
     from ParotidOARLib import cascade, dataset, metrics
     from ParotidOARLib.errors import EmptyStructureError
 
-    root = Path(args.data) / args.split
-    if not root.is_dir():
-        print(f"OpenKBP data not found at {root}; nothing to do.")
+    samples = find_samples(args.data, args.split, args.patients, args.limit)
+    if samples is None:
         return 0
-    samples, _ = dataset.discover(root, "openkbp", exclude=EXCLUDE)
-    if args.patients:
-        samples = [x for x in samples if x.patient in set(args.patients)]
-    if args.limit:
-        samples = samples[:args.limit]
     bundle = cascade.load_model_bundle(args.model)
     if args.component_study:
         return component_study(args, samples, bundle)
@@ -149,6 +143,21 @@ STAGE2_KEYS = ("mandible_recall", "mandible_precision", "mandible_dsc", "skin_ds
                "skin_precision", "skin_recall", "mandible_contoured_slices_dsc",
                "mandible_contoured_slices_precision", "mandible_contoured_slices_recall",
                "mandible_pred_outside_contoured_slices_cc")
+
+
+def find_samples(data, split: str, patients=None, limit: int = 0):
+    """OpenKBP samples of ``split`` (minus ``EXCLUDE``), only ``patients`` if given, the first ``limit``
+    if > 0; None (and a line saying so) when the data is not there."""
+    from ParotidOARLib import dataset
+
+    root = Path(data) / split
+    if not root.is_dir():
+        print(f"OpenKBP data not found at {root}; nothing to do.")
+        return None
+    samples, _ = dataset.discover(root, "openkbp", exclude=EXCLUDE)
+    if patients:
+        samples = [x for x in samples if x.patient in set(patients)]
+    return samples[:limit] if limit else samples
 
 
 def parotid_measures(res, masks, g) -> dict:

@@ -41,7 +41,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-EXCLUDE = ("pt_221",)
 BONE_HU = 200.0
 
 
@@ -222,15 +221,12 @@ def main(argv=None):
                   f"R {sm['native_recall']['mean']:.3f}; coarse DSC {sm['coarse_dsc']['mean']:.3f} P "
                   f"{sm['coarse_precision']['mean']:.3f} R {sm['coarse_recall']['mean']:.3f}; wrote {out_path}")
         return 0
+    from eval_openkbp import EXCLUDE, find_samples
     from ParotidOARLib import cascade, dataset, labels as L, metrics
 
-    root = Path(args.data) / args.split
-    if not root.is_dir():
-        print(f"OpenKBP data not found at {root}; nothing to do.")
+    samples = find_samples(args.data, args.split, args.patients)
+    if samples is None:
         return 0
-    samples, _ = dataset.discover(root, "openkbp", exclude=EXCLUDE)
-    if args.patients:
-        samples = [x for x in samples if x.patient in set(args.patients)]
     bundle = cascade.load_model_bundle(args.model)
     rows, keep = [], []
     t0 = time.perf_counter()
