@@ -51,6 +51,12 @@ def hu_stats(ct: np.ndarray, mask: np.ndarray) -> dict:
     return {"n": int(v.size), "median_hu": float(np.median(v)), "fraction_bone": float((v >= BONE_HU).mean())}
 
 
+def cranial_sign(g) -> int:
+    """+1 when the cranial direction (increasing LPS z) is increasing index 0 (k), else -1: index axis 0
+    moves along the direction matrix's third column."""
+    return 1 if g.direction_matrix[2, 2] >= 0 else -1
+
+
 def side_measures(ct, g, mand_full, res) -> dict:
     from ParotidOARLib import labels as L, partial_labels
 
@@ -66,14 +72,12 @@ def side_measures(ct, g, mand_full, res) -> dict:
     top_ref = np.flatnonzero(mand_full.any(axis=(1, 2)))
     top_pred = np.flatnonzero(pred.any(axis=(1, 2)))
     dz = float(g.spacing_zyx[0])
-    # cranial = increasing LPS z; index axis 0 (k) moves along the direction matrix's third column
-    up = 1 if g.direction_matrix[2, 2] >= 0 else -1
+    up = cranial_sign(g)
     reach = None
     if top_ref.size and top_pred.size:
         ref_end = top_ref.max() if up > 0 else top_ref.min()
         pred_end = top_pred.max() if up > 0 else top_pred.min()
         reach = float(max(0, (pred_end - ref_end) * up) * dz)
-    inter = float((ref & pred).sum())
     out = {
         "ref_in_roi_cc": n_ref * vcc,
         "pred_cc": float(pred.sum()) * vcc,
@@ -81,15 +85,12 @@ def side_measures(ct, g, mand_full, res) -> dict:
         "pred_off_contoured_slices_cc": float(off.sum()) * vcc,
         "pred_off_contoured_slices_bone_cc": n_bone_off * vcc,
         "reach_above_contoured_mm": reach,
-        "dsc": 2 * inter / (ref.sum() + pred.sum()) if (ref.any() or pred.any()) else None,
-        "precision": inter / pred.sum() if pred.any() else None,
-        "recall": inter / ref.sum() if ref.any() else None,
+        **_pr(pred, ref),
         "hu_true_positive": hu_stats(ct, tp),
         "hu_false_positive_on_contoured_slices": hu_stats(ct, fp_on),
         "hu_off_contoured_slices": hu_stats(ct, off),
         "ceiling_precision": n_ref / (n_ref + n_bone_off) if n_ref else None,
         "ceiling_dsc": 2 * n_ref / (2 * n_ref + n_bone_off) if n_ref else None,
-        "_up": int(up),  # +1 when the cranial direction is increasing index 0 (popped by the caller)
     }
     return out
 
@@ -102,10 +103,11 @@ def draw(panels, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(panels), 2, figsize=(7, 3.6 * len(panels)), squeeze=False)
-    for row, (title, ct, g, ref, pred, roi, up) in zip(axes, panels):
-        from ParotidOARLib import partial_labels
+    from ParotidOARLib import partial_labels
 
+    fig, axes = plt.subplots(len(panels), 2, figsize=(7, 3.6 * len(panels)), squeeze=False)
+    for row, (title, ct, g, ref, pred, roi) in zip(axes, panels):
+        up = cranial_sign(g)
         off = pred & ~partial_labels.contoured_slices(ref if ref.any() else pred)
         _, cy, cx = (int(round(c)) for c in np.argwhere(off if off.any() else pred).mean(axis=0))
         lo = np.maximum(np.argwhere(roi).min(axis=0) - 4, 0)
@@ -137,8 +139,9 @@ def draw(panels, path: Path) -> None:
 
 
 def _pr(pred, ref) -> dict:
+    """DSC, precision and recall of ``pred`` against ``ref`` (None where undefined)."""
     inter = float(np.logical_and(pred, ref).sum())
-    return {"dsc": 2 * inter / max(float(pred.sum() + ref.sum()), 1.0),
+    return {"dsc": 2 * inter / float(pred.sum() + ref.sum()) if (pred.any() or ref.any()) else None,
             "precision": inter / pred.sum() if pred.any() else None,
             "recall": inter / ref.sum() if ref.any() else None}
 
@@ -237,12 +240,11 @@ def main(argv=None):
         opts = cascade.SegmentOptions(side=side, model_dir=args.model, threads=args.threads, step=args.step)
         res = cascade.run(ct, g, opts, bundle=bundle, parotid=masks["Parotid"], parotid_source="reference")
         m = side_measures(ct, g, masks["Mandible"], res)
-        up = m.pop("_up")
         if not m["ref_in_roi_cc"]:
             continue
         rows.append({"patient": s.patient, "side": side, **m})
         keep.append((m["pred_off_contoured_slices_cc"], f"{s.patient} {side}", ct, g, masks["Mandible"],
-                     (res.masks[L.RAMUS] | res.masks[L.CONDYLE]) & res.roi, res.roi, up))
+                     (res.masks[L.RAMUS] | res.masks[L.CONDYLE]) & res.roi, res.roi))
         keep = sorted(keep, key=lambda x: -x[0])[:args.figures]
         print(f"{s.patient} {side}: DSC {m['dsc']:.3f} P {m['precision']:.3f} R {m['recall']:.3f}; off contoured "
               f"slices {m['pred_off_contoured_slices_cc']:.2f} cc ({m['hu_off_contoured_slices']['fraction_bone'] or 0:.2f}"

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "Testing" / "benchmarks" / "results"
 # the chain: each run's iterations before it started (runs/s14 had no whole-volume validation)
 CHAIN = (("s15", 3200 + 2850), ("s18", 3200 + 2850 + 4000))
+#: the shipped stage 1's evaluation on the same sides (the line drawn for comparison)
+BASELINE = RESULTS / "eval_openkbp_1.2.0.json"
 
 
 def collect(runs: Path) -> list[dict]:
@@ -82,7 +84,9 @@ def draw(pts, f, path: Path) -> None:
     xs = np.logspace(3, 5.3, 50)
     ax.plot(xs, f["a"] + f["b_per_decade"] * np.log10(xs), "k--", lw=0.8,
             label=f"fit: {f['b_per_decade']:+.3f} per 10x iterations")
-    ax.axhline(0.701, color="gray", lw=0.8, ls=":", label="1.2.0 (0.701)")
+    base = json.loads(BASELINE.read_text())
+    ax.axhline(base["summary"]["dsc"]["mean"], color="gray", lw=0.8, ls=":",
+               label=f"{base['model'].split('@')[-1]} ({base['summary']['dsc']['mean']:.3f})")
     ax.axhline(f["target"], color="red", lw=0.8, ls=":", label=f"target {f['target']}")
     ax.set_xscale("log")
     ax.set_xlabel("training iterations (batch 2), cumulative over the chain")
