@@ -223,3 +223,32 @@ def test_side_cut_from_the_ct_is_the_one_segment_uses():
     assert lo_body == pytest.approx(preprocess.body_midline(ct, g, masks["Body"])[0], abs=1e-3)
     with pytest.raises(ValueError):
         training.stage1_item(s, side_cut="dose")
+
+
+@pytest.mark.skipif(not (OPENKBP / "validation" / "pt_201").is_dir(), reason="needs ../shared/data/openkbp")
+def test_stage1_fine_tune_keeps_the_normalisation_of_its_weights(tmp_path):
+    """`train --stage 1 --init-from BUNDLE` normalises with the bundle's stage-1 scheme, not one recomputed from
+    the new mix (which moves every input the weights were trained on), and records it."""
+    import os
+    import subprocess
+    import sys
+
+    from ParotidOARLib import bundle as bundle_mod
+
+    data = tmp_path / "openkbp"
+    for split, pt in (("train", "pt_201"), ("validation", "pt_202")):
+        (data / split).mkdir(parents=True)
+        os.symlink(OPENKBP / "validation" / pt, data / split / pt)
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "ParotidOARLib", "train", "--stage", "1", "--format", "openkbp", "--data", str(data),
+           "--work-dir", str(work), "--epochs", "1", "--iterations-per-epoch", "1", "--base-features", "32",
+           "--init-from", str(SHIPPED), "--threads", "1", "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    shipped = bundle_mod.verify(SHIPPED).normalisation("stage1")
+    rec = json.loads((work / "stage1" / "record.json").read_text())
+    cfg = json.loads((work / "stage1" / "train_config.json").read_text())
+    for got in (rec["normalisation"], cfg["normalisation"]):
+        assert got["clip"] == pytest.approx(shipped["clip"]) and got["mean"] == pytest.approx(shipped["mean"])
+        assert got["std"] == pytest.approx(shipped["std"])

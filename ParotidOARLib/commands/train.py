@@ -454,7 +454,10 @@ def _run(args, world: int, rank: int) -> int:
             if args.stage1_phantom_cases:
                 tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args) * max(1, args.phantom_repeat)
                 desc["stage1_phantom_cases"] = args.stage1_phantom_cases
-        norm = training.compute_normalisation(tr)
+        # a fine-tune keeps the normalisation its weights learned; only a new network takes this mix's
+        norm = init_normalisation(args.init_from, 1) if args.init_from else None
+        if norm is None:
+            norm = training.compute_normalisation(tr)
         val_samples = desc.pop("validation_samples", [])
         cfg = _cfg(args, 1, work / "stage1", stage1_spacing(args), training.STAGE1_PATCH)
         _log(f"stage 1: {len(tr)} training items, {len(va)} validation items, recipe {recipe(args, 1)}, "
