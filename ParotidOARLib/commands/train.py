@@ -290,6 +290,15 @@ def init_normalisation(path: str, stage: int):
     return ck.get("normalisation") if isinstance(ck, dict) else None
 
 
+def stage_normalisation(args, stage: int, items) -> dict:
+    """The normalisation ``stage`` trains with: a fine-tune (``--init-from``) keeps the one its weights learned;
+    a new network takes nnU-Net's CT scheme computed from ``items``."""
+    from .. import training
+
+    norm = init_normalisation(args.init_from, stage) if args.init_from else None
+    return norm if norm is not None else training.compute_normalisation(items)
+
+
 def phantom_items(n, seed0, stage, args, one_step=False, log_every=10):
     """Generate (or load from the work-dir cache) n phantom items with seeds seed0.. .
 
@@ -454,10 +463,7 @@ def _run(args, world: int, rank: int) -> int:
             if args.stage1_phantom_cases:
                 tr = tr + phantom_items(args.stage1_phantom_cases, 300000, 1, args) * max(1, args.phantom_repeat)
                 desc["stage1_phantom_cases"] = args.stage1_phantom_cases
-        # a fine-tune keeps the normalisation its weights learned; only a new network takes this mix's
-        norm = init_normalisation(args.init_from, 1) if args.init_from else None
-        if norm is None:
-            norm = training.compute_normalisation(tr)
+        norm = stage_normalisation(args, 1, tr)
         val_samples = desc.pop("validation_samples", [])
         cfg = _cfg(args, 1, work / "stage1", stage1_spacing(args), training.STAGE1_PATCH)
         _log(f"stage 1: {len(tr)} training items, {len(va)} validation items, recipe {recipe(args, 1)}, "
@@ -495,9 +501,8 @@ def _run(args, world: int, rank: int) -> int:
                 ph_va = phantom_items(args.phantom_val_cases, 200000, 2, args)
                 # interleaved, so that the fixed validation patches hold phantoms (the per-class Dice) too
                 va = [x for pair in itertools.zip_longest(ph_va, va) for x in pair if x is not None]
-        norm = init_normalisation(args.init_from, 2) if args.init_from else None
-        if norm is None:  # from the class-labelled items (a group map's foreground is not an organ's)
-            norm = training.compute_normalisation([it for it in tr if not it["meta"].get("partial")] or tr)
+        # from the class-labelled items (a group map's foreground is not an organ's)
+        norm = stage_normalisation(args, 2, [it for it in tr if not it["meta"].get("partial")] or tr)
         cfg = _cfg(args, 2, work / "stage2", training.STAGE2_SPACING, training.STAGE2_PATCH)
         _log(f"stage 2: {len(tr)} training items, {len(va)} validation items, normalisation {norm}")
         rec = training.train(cfg, training.prepare(tr, norm, 2, cfg.patch), training.prepare(va, norm, 2, cfg.patch),
