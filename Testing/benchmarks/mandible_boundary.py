@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-BONE_HU = 200.0
+from mandible_label_coverage import BONE_HU, reference_roi_runs  # noqa: E402
 
 
 def side_row(res, masks, ct, g) -> dict | None:
@@ -77,38 +77,28 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     from eval_openkbp import find_samples
 
-    from ParotidOARLib import cascade, dataset
+    from ParotidOARLib import cascade, metrics
 
     samples = find_samples(a.data, "validation")
     if samples is None:
         return 0
     b = cascade.load_model_bundle(a.model)
     rows, t0 = [], time.perf_counter()
-    for s in samples:
-        if a.limit and len(rows) >= a.limit:
-            break
-        ct, g, masks, side = dataset.load_sample(s)
-        if "Mandible" not in masks or not masks["Mandible"].any():
-            continue
-        res = cascade.run(ct, g, cascade.SegmentOptions(side=side, model_dir=a.model, threads=a.threads, step=0.5),
-                          bundle=b, parotid=masks["Parotid"], parotid_source="reference")
+    for s, side, ct, g, masks, res in reference_roi_runs(samples, b, a.model, a.threads, 0.5):
         row = side_row(res, masks, ct, g)
         if row is None:
             continue
         rows.append({"patient": s.patient, "side": side, **row})
-        print(f"{s.patient} {side}: DSC {row['dsc']:.3f}, missed {row['missed']} ({row['missed_at_boundary']:.0%} at the "
+        print(f"{s.patient} {side}: DSC {row['dsc']:.3f}, missed {row['missed']} ({row['missed_at_boundary'] or 0:.0%} at the "
               f"boundary, {row['missed_bone'] or 0:.0%} bone), extra {row['extra']}", flush=True)
+        if len(rows) == a.limit:
+            break
     tot = {k: int(sum(r[k] for r in rows)) for k in ("ref_voxels", "pred_voxels", "missed", "extra")}
-
-    def mean(k):
-        v = [r[k] for r in rows if r[k] is not None]
-        return round(float(np.mean(v)), 4) if v else None
-
     summary = {"sides": len(rows), "voxels": tot,
-               **{f"mean_{k}": mean(k) for k in ("dsc", "missed_at_boundary", "extra_at_boundary", "missed_far_cc",
-                                                 "extra_far_cc", "ref_bone", "missed_bone", "extra_bone")}}
-    m = cascade.load_model_bundle(a.model).manifest
-    out = {"benchmark": __doc__.splitlines()[0], "model": f"{m.name}@{m.version}",
+               **{k: metrics.describe([r[k] for r in rows]) for k in (
+                   "dsc", "missed_at_boundary", "extra_at_boundary", "missed_far_cc", "extra_far_cc", "ref_bone",
+                   "missed_bone", "extra_bone")}}
+    out = {"benchmark": __doc__.splitlines()[0], "model": b.manifest.model_id,
            "command": "python Testing/benchmarks/mandible_boundary.py " + " ".join(argv or sys.argv[1:]),
            "roi": "reference parotid + 17 mm", "step": 0.5, "bone_hu": BONE_HU, "summary": summary, "rows": rows,
            "seconds": round(time.perf_counter() - t0, 1)}

@@ -198,6 +198,20 @@ def tcia_interobserver(root: Path, margin_mm: float = 17.0, coarse=(3.9, 3.9, 2.
                     "clipped to the ROI (oncologist's parotid + margin), then rasterised (area fraction >= 0.5)"}
 
 
+def reference_roi_runs(samples, bundle, model_dir, threads, step):
+    """For each OpenKBP sample with a Mandible: ``(sample, side, ct, geometry, masks, result)``, the result
+    being the cascade with the ROI from the reference parotid (issue 13's acceptance ROI)."""
+    from ParotidOARLib import cascade, dataset
+
+    for s in samples:
+        ct, g, masks, side = dataset.load_sample(s)
+        if "Mandible" not in masks or not masks["Mandible"].any():
+            continue
+        opts = cascade.SegmentOptions(side=side, model_dir=model_dir, threads=threads, step=step)
+        yield s, side, ct, g, masks, cascade.run(ct, g, opts, bundle=bundle, parotid=masks["Parotid"],
+                                                 parotid_source="reference")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "Resources" / "Models" / "parotid-oar-research-v1"))
@@ -225,7 +239,7 @@ def main(argv=None):
                   f"{sm['coarse_precision']['mean']:.3f} R {sm['coarse_recall']['mean']:.3f}; wrote {out_path}")
         return 0
     from eval_openkbp import EXCLUDE, find_samples
-    from ParotidOARLib import cascade, dataset, labels as L, metrics
+    from ParotidOARLib import cascade, labels as L, metrics
 
     samples = find_samples(args.data, args.split, args.patients)
     if samples is None:
@@ -233,12 +247,7 @@ def main(argv=None):
     bundle = cascade.load_model_bundle(args.model)
     rows, keep = [], []
     t0 = time.perf_counter()
-    for s in samples:
-        ct, g, masks, side = dataset.load_sample(s)
-        if "Mandible" not in masks or not masks["Mandible"].any():
-            continue
-        opts = cascade.SegmentOptions(side=side, model_dir=args.model, threads=args.threads, step=args.step)
-        res = cascade.run(ct, g, opts, bundle=bundle, parotid=masks["Parotid"], parotid_source="reference")
+    for s, side, ct, g, masks, res in reference_roi_runs(samples, bundle, args.model, args.threads, args.step):
         m = side_measures(ct, g, masks["Mandible"], res)
         if not m["ref_in_roi_cc"]:
             continue
