@@ -22,6 +22,8 @@ wrong-side check's two volumes and warnings, and the cascade times (under the sa
 
     .venv/bin/python Testing/benchmarks/speed_check.py                 # everything (~20-25 min, 2 idle cores)
     .venv/bin/python Testing/benchmarks/speed_check.py --limit 2       # 2 phantoms + 2 OpenKBP sides
+    .venv/bin/python Testing/benchmarks/speed_check.py --configs new --default-steps stage1=0.55 \
+        --out Testing/benchmarks/results/speed_check_stage1_step055.json   # a candidate default, before adopting it
 
 Writes ``Testing/benchmarks/results/speed_check.json``. Research use only.
 """
@@ -204,11 +206,19 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                     help="configurations to compare (old is always run)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["phantoms", "openkbp"])
+    ap.add_argument("--default-steps", nargs="+", default=[], metavar="STAGE=STEP",
+                    help="try other default window steps before changing cascade.DEFAULT_STEPS, e.g. stage1=0.55: "
+                         "the new and openvino configurations run with them (old keeps step 0.5)")
     ap.add_argument("--out", default=str(HERE / "results" / "speed_check.json"))
     args = ap.parse_args(argv)
     from ParotidOARLib import backends, cascade
 
     configs = ["old"] + [c for c in args.configs if c != "old"]
+    for item in args.default_steps:
+        stage, _, step = item.partition("=")
+        if stage not in cascade.DEFAULT_STEPS or not step:
+            ap.error(f"--default-steps {item!r}: use STAGE=STEP with STAGE one of {', '.join(cascade.DEFAULT_STEPS)}")
+        cascade.DEFAULT_STEPS[stage] = float(step)
     if "openvino" in configs and not backends.openvino_available():
         print("openvino is not installed: the openvino configuration is skipped (pip install openvino)")
         configs.remove("openvino")
