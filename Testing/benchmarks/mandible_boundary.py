@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from mandible_label_coverage import BONE_HU, reference_roi_runs  # noqa: E402
+from mandible_label_coverage import BONE_HU, add_side_args, reference_roi_runs  # noqa: E402
 
 
 def side_row(res, masks, ct, g) -> dict | None:
@@ -69,11 +69,7 @@ def side_row(res, masks, ct, g) -> dict | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(REPO / "Resources" / "Models" / "parotid-oar-research-v1"))
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))
-    ap.add_argument("--limit", type=int, default=0, help="the first N validation sides with a Mandible (0: all)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results" / "mandible_boundary.json"))
+    add_side_args(ap, "mandible_boundary.json")
     a = ap.parse_args(argv)
     from eval_openkbp import find_samples
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from mandible_label_coverage import reference_roi_runs  # noqa: E402
+from mandible_label_coverage import add_side_args, reference_roi_runs  # noqa: E402
 
 SHIFTS_MM = np.arange(-3.0, 3.01, 0.5)
 RULES = ("centre", "area>=0.5", "area>=0.35", "area>=0.25", "any")
@@ -117,11 +117,7 @@ def coarse_rules(probs, g2, g, res, reference, stage2_names) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(REPO / "Resources" / "Models" / "parotid-oar-research-v1"))
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))
-    ap.add_argument("--limit", type=int, default=0, help="the first N validation sides with a Mandible (0: all)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results" / "mandible_grid.json"))
+    add_side_args(ap, "mandible_grid.json")
     a = ap.parse_args(argv)
     from eval_openkbp import find_samples
 

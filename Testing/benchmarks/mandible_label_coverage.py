@@ -212,6 +212,16 @@ def reference_roi_runs(samples, bundle, model_dir, threads, step):
                                                  parotid_source="reference")
 
 
+def add_side_args(ap, out_name: str):
+    """The options of the per-side mandible benchmarks (``mandible_boundary.py``, ``mandible_grid.py``): --model,
+    --data, --limit, --threads and --out (default ``results/<out_name>``)."""
+    ap.add_argument("--model", default=str(REPO / "Resources" / "Models" / "parotid-oar-research-v1"))
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "openkbp"))
+    ap.add_argument("--limit", type=int, default=0, help="the first N validation sides with a Mandible (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / out_name))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "Resources" / "Models" / "parotid-oar-research-v1"))
