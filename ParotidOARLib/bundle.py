@@ -102,7 +102,7 @@ class Manifest:
         return dict(self.stage(stage)["normalisation"])
 
     def architecture(self, stage: str):
-        from .network import UNetConfig
+        from .netconfig import UNetConfig
 
         return UNetConfig.from_dict(self.stage(stage)["architecture"])
 

@@ -85,7 +85,7 @@ def default_architecture(stage) -> StageDefaults:
     → about 63×125×100 voxels), stage 2 the ROI box + 8 mm at 1×1×2 mm (typically
     ~90×100×45 voxels). Both: 4 resolution stages, 16 → 128 features.
     """
-    from .network import UNetConfig
+    from .netconfig import UNetConfig
 
     s = str(stage).replace("stage", "")
     if s == "1":
@@ -301,15 +301,21 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
             x1 = preprocess.normalise(ct1, norm1)
             del ct1
 
-    import torch
-
     from . import backends
-    from .inference import configure_cpu_threads, select_device, sliding_window
+    from .inference import sliding_window
 
     with timer("load_model"):
-        device = select_device(options.device)
-        threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
-        backend = backends.resolve(options.backend, device.type)
+        if backends.runs_without_torch(options.backend, options.device):
+            # OpenVINO on the CPU: no torch import at all once the converted model is cached (issue 18)
+            from .inference import check_threads, cpu_count
+
+            device, threads, backend = backends.CPUDevice(), check_threads(options.threads) or cpu_count(), "openvino"
+        else:
+            from .inference import configure_cpu_threads, select_device
+
+            device = select_device(options.device)
+            threads = configure_cpu_threads(options.threads) if device.type == "cpu" else None
+            backend = backends.resolve(options.backend, device.type)
         nets = {st: _network(bundle, st, device, backend, threads) for st in needed}
         net1, net2 = nets["stage1"], nets.get("stage2")
     for st in needed:

@@ -154,9 +154,9 @@ def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device,
     """Softmax probabilities ``float32 [C, z, y, x]`` for a normalised ``image [z, y, x]``.
 
     ``progress(fraction)`` is called after each window (0..1). ``mirror_axes``: see :func:`_mirror_axes`.
+    A network with ``numpy_io = True`` (the OpenVINO backend) takes and returns NumPy arrays: its windows are
+    combined in NumPy, so that path never imports torch (issue 18); ``device`` and the torch options are unused.
     """
-    import torch
-
     image = np.asarray(image, dtype=np.float32)
     patch = tuple(int(p) for p in patch_size)
     shape = image.shape
@@ -167,40 +167,76 @@ def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device,
         buf[tuple(slice(a, a + s) for a, s in zip(pad_lo, shape))] = image
         image = buf
     starts = [window_starts(s, p, step) for s, p in zip(padded_shape, patch)]
-    windows = list(itertools.product(*starts))
+    windows = [tuple(slice(a, a + p) for a, p in zip(w, patch)) for w in itertools.product(*starts)]
     mirrors = _mirror_axes(tta, mirror_axes)
+    crop = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(pad_lo, shape))
+    counter = _Progress(progress, len(windows) * len(mirrors))
+    if getattr(net, "numpy_io", False):
+        return _combine_numpy(net, image, windows, mirrors, num_classes, patch, crop, counter)
+    import torch
+
     weight = torch.from_numpy(gaussian_weights(patch)).to(device)
     logits_sum = torch.zeros((num_classes,) + padded_shape, dtype=torch.float32, device=device)
     weight_sum = torch.zeros(padded_shape, dtype=torch.float32, device=device)
     x_full = torch.from_numpy(image).to(device)
     use_autocast = autocast and device.type == "cuda"
     amp_dtype = torch.float16
-    total = len(windows) * len(mirrors)
-    done = 0
+    def run(xin):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_autocast):
+            return net(xin).float()
+
     with torch.inference_mode():
-        for (z, y, x) in windows:
-            sl = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+        for sl in windows:
             inp = x_full[sl][None, None]
             if channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last_3d)
-            acc = None
-            for axes in mirrors:
-                xin = torch.flip(inp, axes) if axes else inp
-                with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_autocast):
-                    out = net(xin)
-                out = out.float()
-                if axes:
-                    out = torch.flip(out, axes)
-                acc = out if acc is None else acc + out
-                done += 1
-                if progress is not None:
-                    progress(done / total)
-            if len(mirrors) > 1:
-                acc = acc / len(mirrors)
+            acc = _mirrored(run, inp, mirrors, torch.flip, counter)
             logits_sum[(slice(None),) + sl] += acc[0] * weight
             weight_sum[sl] += weight
         logits = logits_sum / weight_sum
         probs = torch.softmax(logits, dim=0)
-        crop = (slice(None),) + tuple(slice(a, a + s) for a, s in zip(pad_lo, shape))
         out = probs[crop].float().cpu().numpy()
     return np.ascontiguousarray(out)
+
+
+def _mirrored(run, inp, mirrors, flip, counter):
+    """One window's logits: ``run`` on the window and on each mirrored copy (flipped back), averaged."""
+    acc = None
+    for axes in mirrors:
+        out = run(flip(inp, axes) if axes else inp)
+        out = flip(out, axes) if axes else out
+        acc = out if acc is None else acc + out
+        counter.step()
+    return acc / len(mirrors) if len(mirrors) > 1 else acc
+
+
+class _Progress:
+    """Calls ``progress(done / total)`` once per network pass (nothing when ``progress`` is None)."""
+
+    def __init__(self, progress, total: int):
+        self.progress, self.total, self.done = progress, max(1, total), 0
+
+    def step(self):
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done / self.total)
+
+
+def _combine_numpy(net, image, windows, mirrors, num_classes, patch, crop, counter) -> np.ndarray:
+    """:func:`sliding_window`'s accumulation for a NumPy network: the same Gaussian-weighted sum of each window's
+    logits (mirrored passes averaged), divided by the summed weights, then the softmax."""
+    weight = gaussian_weights(patch)
+    logits = np.zeros((num_classes,) + image.shape, dtype=np.float32)
+    weight_sum = np.zeros(image.shape, dtype=np.float32)
+    def run(xin):
+        return np.asarray(net(np.ascontiguousarray(xin)), dtype=np.float32)
+
+    for sl in windows:
+        acc = _mirrored(run, image[sl][None, None], mirrors, np.flip, counter)
+        logits[(slice(None),) + sl] += acc[0] * weight
+        weight_sum[sl] += weight
+    logits = logits[crop] / weight_sum[crop[1:]]
+    logits -= logits.max(axis=0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0, keepdims=True)
+    return np.ascontiguousarray(logits)

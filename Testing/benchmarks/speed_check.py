@@ -111,8 +111,9 @@ def check_phantoms(cascade, bundle, configs, limit, threads, log) -> dict:
             dsc[name] = {r["segment"]: r["dsc"] for r in eval_phantom.compare_case(pred, c, seed)}
         rows.append({"seed": seed, "side": c["side"], "dsc": dsc, **_case_record(results, seconds)})
         log(f"phantom seed {seed} ({c['side']}): " + "; ".join(
-            f"{k} {seconds[k]:.1f} s" for k in configs) + " | DSC new-old " + ", ".join(
-            f"{n} {dsc['new'][n] - dsc['old'][n]:+.3f}" for n in L.STRUCTURES if "new" in dsc and "old" in dsc))
+            f"{k} {seconds[k]:.1f} s" for k in configs) + "".join(
+            f" | DSC {c}-old " + ", ".join(f"{n} {dsc[c][n] - dsc['old'][n]:+.3f}" for n in L.STRUCTURES)
+            for c in configs if c != "old"))
     means, diffs = _means(rows, configs, lambda r, c, m: r["dsc"][c].get(m), L.STRUCTURES)
     return {"cases": f"generator-2 phantoms, seeds {seeds[0]}-{seeds[-1]}, 0.98x0.98x2 mm", "n": len(rows),
             "mean_dsc": means, "diff_vs_old": diffs, "rows": rows}
@@ -145,8 +146,8 @@ def check_openkbp(cascade, bundle, configs, limit, threads, data, log) -> dict:
                      **_case_record(results, seconds)})
         d = rows[-1]["measures"]
         log(f"openkbp {s.patient} {side}: " + "; ".join(f"{k} {seconds[k]:.1f} s" for k in configs) +
-            " | " + ", ".join(f"{m} old {_fmt(d['old'].get(m))} new {_fmt(d.get('new', {}).get(m))}"
-                              for m in OPENKBP_MEASURES if "old" in d))
+            " | " + ", ".join(f"{m} " + " ".join(f"{c} {_fmt(d.get(c, {}).get(m))}" for c in configs)
+                              for m in OPENKBP_MEASURES))
     means, diffs = _means(rows, configs, lambda r, c, m: r["measures"][c].get(m), OPENKBP_MEASURES)
     return {"cases": f"OpenKBP validation sides (minus {', '.join(eval_openkbp.EXCLUDE)})", "n": len(rows),
             "measures": {"dsc": "parotid vs the hospital contour", "mandible_dsc":
