@@ -181,6 +181,7 @@ def sliding_window(net, image: np.ndarray, patch_size, num_classes: int, device,
     x_full = torch.from_numpy(image).to(device)
     use_autocast = autocast and device.type == "cuda"
     amp_dtype = torch.float16
+
     def run(xin):
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_autocast):
             return net(xin).float()
@@ -228,6 +229,7 @@ def _combine_numpy(net, image, windows, mirrors, num_classes, patch, crop, count
     weight = gaussian_weights(patch)
     logits = np.zeros((num_classes,) + image.shape, dtype=np.float32)
     weight_sum = np.zeros(image.shape, dtype=np.float32)
+
     def run(xin):
         return np.asarray(net(np.ascontiguousarray(xin)), dtype=np.float32)
 
