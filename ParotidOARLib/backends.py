@@ -132,13 +132,17 @@ class CPUDevice:
     __repr__ = __str__
 
 
+def openvino_on_cpu(name, device: str = "auto") -> bool:
+    """True when ``name`` is ``openvino`` and the requested ``device`` is ``auto`` or ``cpu`` (imports nothing:
+    ``segment`` asks it to choose what to preload). ``--device cuda`` or ``mps`` with openvino falls back to
+    torch (:func:`resolve`)."""
+    return check_backend(name) == "openvino" and str(device or "auto").lower() in ("auto", "cpu")
+
+
 def runs_without_torch(name, device: str = "auto") -> bool:
-    """True when ``name`` is ``openvino``, the package is installed and the requested ``device`` is ``auto`` or
-    ``cpu``: :func:`cascade.run` then runs OpenVINO on the CPU without importing torch (unless the converted
-    model is not cached yet: the conversion needs torch once). ``--device cuda`` or ``mps`` with openvino falls
-    back to torch (:func:`resolve`)."""
-    return check_backend(name) == "openvino" and str(device or "auto").lower() in ("auto", "cpu") \
-        and openvino_available()
+    """:func:`openvino_on_cpu` and the package is installed: :func:`cascade.run` then runs OpenVINO on the CPU
+    without importing torch (unless the converted model is not cached yet: the conversion needs torch once)."""
+    return openvino_on_cpu(name, device) and openvino_available()
 
 
 def _torch_module(bundle, stage: str):

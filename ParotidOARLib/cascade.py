@@ -307,9 +307,9 @@ def run(array: np.ndarray, geometry: Geometry, options: SegmentOptions, progress
     with timer("load_model"):
         if backends.runs_without_torch(options.backend, options.device):
             # OpenVINO on the CPU: no torch import at all once the converted model is cached (issue 18)
-            from .inference import check_threads, cpu_count
+            from .inference import thread_count
 
-            device, threads, backend = backends.CPUDevice(), check_threads(options.threads) or cpu_count(), "openvino"
+            device, threads, backend = backends.CPUDevice(), thread_count(options.threads), "openvino"
         else:
             from .inference import configure_cpu_threads, select_device
 

@@ -45,11 +45,16 @@ def check_threads(threads) -> int | None:
     return n
 
 
+def thread_count(threads: int | None = None) -> int:
+    """``threads`` checked (:func:`check_threads`), or the usable cores when it is None."""
+    return check_threads(threads) or cpu_count()
+
+
 def configure_cpu_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to ``threads`` (default: the usable cores). Returns the count."""
     import torch
 
-    n = check_threads(threads) or cpu_count()
+    n = thread_count(threads)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

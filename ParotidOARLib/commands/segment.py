@@ -65,11 +65,11 @@ def _raise_interrupt(signum, frame):
 
 
 def run(args) -> int:
-    from ..backends import preload
+    from ..backends import openvino_on_cpu, preload
 
     # the networks' runtime, imported while the CT is read (issue 18): torch ~1.1 s; openvino 0.2 s, and with it
-    # on the CPU torch is not needed at all (backends.runs_without_torch; a bad --backend is reported later)
-    preload("openvino" if args.backend == "openvino" and (args.device or "auto") in ("auto", "cpu") else "torch")
+    # on the CPU torch is not needed at all (backends.runs_without_torch)
+    preload("openvino" if openvino_on_cpu(args.backend, args.device) else "torch")
     from ..cascade import SegmentOptions, segment
     from ..progress import Progress
 

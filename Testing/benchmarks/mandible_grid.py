@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from mandible_label_coverage import add_side_args, reference_roi_runs  # noqa: E402
+from mandible_label_coverage import add_side_args, dsc_precision_recall, reference_roi_runs  # noqa: E402
 
 SHIFTS_MM = np.arange(-3.0, 3.01, 0.5)
 RULES = ("centre", "area>=0.5", "area>=0.35", "area>=0.25", "any")
@@ -80,12 +80,6 @@ def captured_probabilities():
         cascade.roi_masks_from_probabilities = original
 
 
-def _prf(pred, ref):
-    tp, ps, rs = float(np.count_nonzero(pred & ref)), float(pred.sum()), float(ref.sum())
-    return {"dsc": 2 * tp / (ps + rs) if ps + rs else None, "precision": tp / ps if ps else None,
-            "recall": tp / rs if rs else None}
-
-
 def coarse_rules(probs, g2, g, res, reference, stage2_names) -> dict:
     """Ramus ∪ condyle on the coarse grid ``g`` by each rule of ``RULES`` → {rule: {all: prf, contoured: prf}}."""
     import SimpleITK as sitk
@@ -112,7 +106,8 @@ def coarse_rules(probs, g2, g, res, reference, stage2_names) -> dict:
     ref = reference & roi
     contoured = partial_labels.contoured_slices(reference)
     return {"footprint_zyx": footprint,
-            **{k: {"all": _prf(p, ref), "contoured": _prf(p & contoured, ref & contoured)} for k, p in preds.items()}}
+            **{k: {"all": dsc_precision_recall(p, ref), "contoured": dsc_precision_recall(p & contoured, ref & contoured)}
+               for k, p in preds.items()}}
 
 
 def main(argv=None) -> int:

@@ -85,7 +85,7 @@ def side_measures(ct, g, mand_full, res) -> dict:
         "pred_off_contoured_slices_cc": float(off.sum()) * vcc,
         "pred_off_contoured_slices_bone_cc": n_bone_off * vcc,
         "reach_above_contoured_mm": reach,
-        **_pr(pred, ref),
+        **dsc_precision_recall(pred, ref),
         "hu_true_positive": hu_stats(ct, tp),
         "hu_false_positive_on_contoured_slices": hu_stats(ct, fp_on),
         "hu_off_contoured_slices": hu_stats(ct, off),
@@ -138,7 +138,7 @@ def draw(panels, path: Path) -> None:
     plt.close(fig)
 
 
-def _pr(pred, ref) -> dict:
+def dsc_precision_recall(pred, ref) -> dict:
     """DSC, precision and recall of ``pred`` against ``ref`` (None where undefined)."""
     inter = float(np.logical_and(pred, ref).sum())
     return {"dsc": 2 * inter / float(pred.sum() + ref.sum()) if (pred.any() or ref.any()) else None,
@@ -184,9 +184,9 @@ def tcia_interobserver(root: Path, margin_mm: float = 17.0, coarse=(3.9, 3.9, 2.
             if not a.any():
                 continue
             row = {"case": case.name, "side": organ, "onc_in_roi_cc": float(a.sum()) * g.voxel_volume_cc,
-                   **{f"native_{k}": v for k, v in _pr(b, a).items()}}
+                   **{f"native_{k}": v for k, v in dsc_precision_recall(b, a).items()}}
             ia, ib = imageio.to_sitk(a.astype(np.uint8), g), imageio.to_sitk(b.astype(np.uint8), g)
-            row.update({f"coarse_{k}": v for k, v in _pr(rasterise(ib, coarse), rasterise(ia, coarse)).items()})
+            row.update({f"coarse_{k}": v for k, v in dsc_precision_recall(rasterise(ib, coarse), rasterise(ia, coarse)).items()})
             rows.append(row)
             print(f"TCIA {case.name} {organ}: mandible in ROI {row['onc_in_roi_cc']:.1f} cc; radiographer vs "
                   f"oncologist DSC {row['native_dsc']:.3f} native, {row['coarse_dsc']:.3f} at "
